@@ -1,0 +1,836 @@
+"""The timing simulator: `simulate(program, spec, trace=False) -> Report`.
+
+The model (every number comes from the MachineSpec; times are integer picoseconds)
+=================================================================================
+
+Streams. Each compute engine ("pe" tensor, "act" scalar, "dve" vector, "pool" gpsimd) and
+each DMA queue "q0".."q{dma_queues-1}" is an in-order instruction stream. Instructions are
+taken in program order (loops expanded). An instruction
+
+    starts  at  max(its stream's free time, dependency-ready time, shared-port free time)
+    is busy for its issue interval II           -> end   = start + II   (stream free again)
+    has its result ready after a latency L      -> ready = end + L
+
+Latency L: `access_latency_cycles` of the engine's clock for compute instructions (the
+static SBUF/PSUM access cost); `dma_fixed_ns` for DMAs (the per-transfer fixed cost is
+modelled as latency: it delays the consumers, not the queue, so a queue can have several
+transfers in flight). `dependent_overhead_cycles` is not added separately: a RAW-dependent
+instruction already waits end + L of its producer.
+
+Issue intervals (engine cycles at the engine's clock, N = free elements of the operation,
+P = partitions; MIN_II = spec.min_ii):
+    matmul          max(min(matmul_min_stationary_ii, N_stationary), N_moving) / pe_rate[dt]
+                    srcs = (stationary[K, M], moving[K, N]); dt = the slower input dtype
+    transpose (pe)  max(P, min(transpose_min_f, F))                F = src free elements
+    activation      max(MIN_II, N)  (+ act_reduce_extra_ii with reduce_op);
+                    func "reciprocal": max(MIN_II, reciprocal_factor * N)
+    tensor_scalar   max(MIN_II, N)
+    tensor_tensor   max(MIN_II, 2N); max(MIN_II, N) when one input is in PSUM, one in SBUF
+    select          as tensor_tensor (max(MIN_II, 2N))
+    tensor_reduce   N of the input (N / reduce_bf16_speedup for bf16 input with add/max)
+    tensor_copy     max(MIN_II, N)
+    memset          N
+    iota            iota_fixed_cycles + N
+A compute operand in SBUF/PSUM whose innermost free-axis stride exceeds
+`stride_penalty_bytes` multiplies N by `stride_penalty_factor` (once per instruction).
+Cycles convert to ps as ceil(cycles * 1000 / clock_GHz).
+
+DMA. A transfer of B bytes (max of source and destination bytes) in C contiguous chunks
+(C = max over both sides of the number of contiguous runs; every SBUF partition is its
+own run) occupies its queue for
+    Q = ceil((B + C * dma_chunk_overhead_bytes) * 1000 / dma_queue_gbps) ps
+so small or strided transfers are inefficient. Transfers touching HBM also need
+    H = ceil(B_hbm * 1000 / hbm_gbps) ps
+of the HBM channel that ALL queues of the core share (B_hbm counts the HBM side(s);
+SBUF<->SBUF transfers use no HBM bandwidth). The channel is accounted in time bins of
+`hbm_bin_ns`: each bin holds at most one bin-width of channel time; a transfer that started
+at t consumes channel time bin by bin, at most at its own queue rate (H/Q of the time it is
+active) and at most what the bin has left, until H is consumed. Uncontended transfers end
+at exactly start + Q; contended ones stretch. Later instructions (in program order) may
+back-fill bins left free by earlier ones. The transfer ends at max(start + Q, channel end)
+and its destination is ready `dma_fixed_ns` later. Bins live in a ring of HBM_RING_BINS
+bins; a transfer reaching back further than the ring behind the furthest-ahead bin treats
+the forgotten bins as full (only affects pathological programs).
+
+Dependencies (buffer def-use). Every operand's footprint is a set of granules:
+  * SBUF / PSUM: byte ranges within a partition in granules of `dep_granule_bytes`. The
+    partition range is ignored (conservative: two accesses to the same bytes of different
+    partitions are treated as overlapping).
+  * HBM: byte ranges of each tensor in granules of `hbm_granule_bytes`.
+  The footprint of an access pattern is its bounding byte range, or - when its
+  largest-stride dimension separates the rows by at least one granule (stride >= bounding
+  extent of the other dimensions + granule) - the union of the per-row bounding ranges (so
+  a [128 x 512] tile of a wide row-major matrix does not alias the tiles beside it).
+  Broadcast (stride 0) and size-1 dimensions do not widen the footprint. Footprints
+  outside the memory / tensor are clipped to it.
+  Per granule the simulator keeps the ready time of the last write, the stream of that
+  write, and the latest end time of any read:
+    RAW   a reader starts >= the last write's ready time
+    WAW   a writer starts >= the last write's ready time, unless that write was on the same
+          stream (in-order streams keep their own writes ordered, so accumulating matmuls
+          into one PSUM tile issue back to back)
+    WAR   a writer starts >= the end of every earlier read
+  Reads are released at the reader's end (end of its issue interval / transfer); writes
+  become visible at the writer's ready time. Accumulating instructions (`acc`) count as
+  writes of dst only (accumulation happens in the memory). Activation `dst2` is a write;
+  extra per-partition scale/bias operands are reads.
+  Multi-buffering needs no special case: slots are distinct addresses (Addr mod terms), so
+  distinct granules, so the next slot's load does not wait for the current slot's readers.
+
+Shared ports (NeuronCore-v2). With `dve_pool_share_sbuf`, dve and pool instructions that
+touch SBUF serialise on one "SBUF port" resource; with `dve_act_share_psum`, dve and act
+instructions that touch PSUM serialise on a "PSUM port" resource (each such instruction
+holds the port for its issue interval; reserved in program order, no back-fill).
+
+The total time is the latest ready time of any instruction.
+
+Implementation
+==============
+`flatten(program, spec)` turns the loop tree once into a compact bytecode
+(LOOP_BEGIN / INSTR / LOOP_END with loop levels and extents) and per-static-instruction /
+per-operand integer tables (stream, II, latency, DMA channel time, footprint geometry, affine
+address terms as (level, byte coefficient, mod) rows). `_core` (Numba, cache=True) expands
+the loops itself and runs the model above without any Python per dynamic instruction.
+`sim.timing_ref` is a plain recursive Python implementation of the same model, used by
+the tests to check this one exactly.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .isa import AP, Instr, Loop, OPS, Program, walk_instrs
+from .machine import ENGINES, MachineSpec, SimError, machine
+from .report import Report
+
+HBM_RING_BINS = 8192            # ring of HBM-channel time bins (see the docstring)
+TRACE_CAP = 1_000_000           # per-instruction records kept when simulate(trace=True)
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3": 1, "float8_e5m2": 1,
+            "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "uint32": 4, "uint16": 2,
+            "float64": 8, "int64": 8}
+
+# bytecode
+INSTR, LOOP_BEGIN, LOOP_END = 0, 1, 2
+# per-static-instruction table columns
+I_STREAM, I_II, I_LAT, I_DMA, I_HBM, I_CAPF, I_PORTS, I_OP0, I_NR, I_NW = range(10)
+I_COLS = 10
+# per-operand table columns
+O_GOFF, O_NG, O_G, O_SH, O_BASE, O_T0, O_T1, O_R, O_PITCH, O_E, O_KIND = range(11)
+K_READ, K_WRITE_WAR, K_WRITE = 0, 1, 2      # operand kinds (a write needs WAR checks only if
+                                            # some instruction reads its region)
+O_COLS = 11
+PORT_SBUF, PORT_PSUM = 1, 2
+
+
+def itemsize(dtype: str) -> int:
+    try:
+        return ITEMSIZE[dtype]
+    except KeyError:
+        raise SimError(f"unknown dtype {dtype!r}; known: {', '.join(ITEMSIZE)}") from None
+
+
+def stream_names(spec: MachineSpec) -> list[str]:
+    """Stream id -> name: the four engines, then the DMA queues."""
+    return list(ENGINES) + [f"q{i}" for i in range(spec.dma_queues)]
+
+
+def stream_of(ins: Instr, spec: MachineSpec) -> int:
+    if ins.op not in OPS:
+        raise SimError(f"unknown op {ins.op!r}; known: {', '.join(OPS)}")
+    eng = ins.engine
+    if ins.op == "dma":
+        if not (eng.startswith("q") and eng[1:].isdigit()):
+            raise SimError(f"dma must run on a DMA queue 'q0'..'q{spec.dma_queues - 1}', "
+                           f"got engine {eng!r}")
+        q = int(eng[1:])
+        if q >= spec.dma_queues:
+            raise SimError(f"DMA queue {eng!r} does not exist: {spec.name} has "
+                           f"{spec.dma_queues} queues (q0..q{spec.dma_queues - 1})")
+        return len(ENGINES) + q
+    if eng not in OPS[ins.op][0]:
+        raise SimError(f"{ins.op} cannot run on engine {eng!r}; allowed: "
+                       f"{', '.join(OPS[ins.op][0])}")
+    return ENGINES.index(eng)
+
+
+def _ps(cycles: float, ghz: float) -> int:
+    """Engine cycles -> integer picoseconds (rounded up)."""
+    return max(0, math.ceil(cycles * 1000.0 / ghz - 1e-6))
+
+
+def _bytes(ap: AP) -> int:
+    return ap.num_elements * itemsize(ap.dtype)
+
+
+def _strided(ap: AP, spec: MachineSpec) -> bool:
+    """Innermost non-trivial free-axis stride above spec.stride_penalty_bytes (SBUF/PSUM)."""
+    if ap.mem == "hbm":
+        return False
+    for stride, size in reversed(ap.dims[1:]):
+        if size > 1:
+            return abs(stride) * itemsize(ap.dtype) > spec.stride_penalty_bytes
+    return False
+
+
+def contiguous_runs(ap: AP) -> int:
+    """Number of contiguous runs of the access (each SBUF/PSUM partition is its own run)."""
+    if ap.mem == "hbm":
+        dims, outer = [d for d in ap.dims if d[1] > 1], 1
+    else:
+        dims, outer = [d for d in ap.dims[1:] if d[1] > 1], ap.partitions
+    runs = outer
+    if not dims:
+        return runs
+    stride, size = dims[-1]
+    if stride != 1:
+        for _, s in dims:
+            runs *= s
+        return runs
+    run_len = size
+    i = len(dims) - 2
+    while i >= 0 and dims[i][0] == run_len:
+        run_len *= dims[i][1]
+        i -= 1
+    for _, s in dims[:i + 1]:
+        runs *= s
+    return runs
+
+
+@dataclass
+class Cost:
+    """The static cost of one instruction (shared by the Numba and the Python models)."""
+    stream: int
+    ii_ps: int          # issue interval (DMA: queue time Q)
+    lat_ps: int         # latency from end to result ready
+    is_dma: bool
+    hbm_ps: int         # DMA: HBM channel time H (0 if no HBM side)
+    ports: int          # PORT_SBUF | PORT_PSUM shared-port bits
+    reads: tuple        # APs read
+    writes: tuple       # APs written
+    flops: int
+    mm_flops: int       # matmul flops (roofline compute term)
+    mm_dtype: str | None
+    hbm_read: int
+    hbm_write: int
+    sbuf_bytes: int
+    psum_bytes: int
+
+
+def instr_cost(ins: Instr, spec: MachineSpec) -> Cost:
+    """Issue interval, latency, channel time, operands and counters of one instruction."""
+    stream = stream_of(ins, spec)
+    op = ins.op
+    writes = (ins.dst,) + ((ins.dst2,) if ins.dst2 is not None else ())
+    reads = tuple(ins.srcs)
+    ops = reads + writes
+    sbuf_b = sum(_bytes(a) for a in ops if a.mem == "sbuf")
+    psum_b = sum(_bytes(a) for a in ops if a.mem == "psum")
+    flops = mm_flops = 0
+    mm_dtype = None
+    if op == "dma":
+        src, dst = ins.srcs[0], ins.dst
+        b = max(_bytes(src), _bytes(dst))
+        chunks = max(contiguous_runs(src), contiguous_runs(dst))
+        q_ps = math.ceil((b + chunks * spec.dma_chunk_overhead_bytes) * 1000.0
+                         / spec.dma_queue_gbps - 1e-6)
+        hb_r = _bytes(src) if src.mem == "hbm" else 0
+        hb_w = _bytes(dst) if dst.mem == "hbm" else 0
+        h_ps = math.ceil((hb_r + hb_w) * 1000.0 / spec.hbm_gbps - 1e-6) if hb_r + hb_w else 0
+        lat = round(spec.dma_fixed_ns * 1000)
+        return Cost(stream, max(1, q_ps), lat, True, h_ps, 0, reads, writes, 0, 0, None,
+                    hb_r, hb_w, sbuf_b, psum_b)
+
+    engine = ins.engine
+    pen = spec.stride_penalty_factor if any(_strided(a, spec) for a in ops) else 1.0
+    min_ii = spec.min_ii
+    dst = ins.dst
+    n = dst.free_size * pen
+    if op == "matmul":
+        stat, mov = ins.srcs[0], ins.srcs[1]
+        rates = []
+        for a in (stat, mov):
+            if a.dtype not in spec.pe_rate:
+                raise SimError(f"matmul input dtype {a.dtype!r} has no tensor-engine rate on "
+                               f"{spec.name}; known: {', '.join(spec.pe_rate)}")
+            rates.append(spec.pe_rate[a.dtype])
+        rate = min(rates)
+        mm_dtype = stat.dtype if spec.pe_rate[stat.dtype] == rate else mov.dtype
+        n_mov = mov.free_size * pen
+        cyc = max(min(spec.matmul_min_stationary_ii, stat.free_size), n_mov) / rate
+        flops = mm_flops = 2 * mov.partitions * stat.free_size * mov.free_size
+    elif op == "transpose":
+        src = ins.srcs[0]
+        cyc = max(src.partitions, min(spec.transpose_min_f, src.free_size * pen))
+    elif op == "activation":
+        if ins.attr("func") == "reciprocal":
+            cyc = max(min_ii, spec.reciprocal_factor * n)
+        else:
+            cyc = max(min_ii, n)
+        if ins.attr("reduce_op") is not None:
+            cyc += spec.act_reduce_extra_ii
+        flops = dst.num_elements
+    elif op == "tensor_scalar":
+        cyc = max(min_ii, n)
+        flops = dst.num_elements
+    elif op in ("tensor_tensor", "select"):
+        mems = {ins.srcs[0].mem, ins.srcs[1].mem}
+        if op == "tensor_tensor" and mems == {"psum", "sbuf"}:
+            cyc = max(min_ii, n)
+        else:
+            cyc = max(min_ii, 2 * n)
+        flops = dst.num_elements
+    elif op == "tensor_reduce":
+        src = ins.srcs[0]
+        cyc = src.free_size * pen
+        if src.dtype == "bfloat16" and ins.attr("op") in ("add", "max"):
+            cyc /= spec.reduce_bf16_speedup
+        flops = src.num_elements
+    elif op == "tensor_copy":
+        cyc = max(min_ii, n)
+    elif op == "memset":
+        cyc = n
+    elif op == "iota":
+        cyc = spec.iota_fixed_cycles + n
+    else:  # pragma: no cover - OPS and this table move together
+        raise SimError(f"no timing rule for op {op!r}")
+    ghz = spec.clock_ghz(engine)
+    ports = 0
+    if spec.dve_pool_share_sbuf and engine in ("dve", "pool") and any(a.mem == "sbuf" for a in ops):
+        ports |= PORT_SBUF
+    if spec.dve_act_share_psum and engine in ("dve", "act") and any(a.mem == "psum" for a in ops):
+        ports |= PORT_PSUM
+    return Cost(stream, max(1, _ps(cyc, ghz)), _ps(spec.access_latency_cycles, ghz), False, 0,
+                ports, reads, writes, int(flops), int(mm_flops), mm_dtype, 0, 0, sbuf_b, psum_b)
+
+
+# ----------------------------------------------------------------------------------------
+# footprints
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Static geometry of an operand's granule footprint.
+
+    The dynamic byte offset is a = offset.eval(env) * scale + adj; the access touches rows
+    r = 0..R-1 of bytes [a + r*pitch, a + r*pitch + E) of region `region`.
+    """
+    region: object      # "sbuf" | "psum" | ("hbm", tensor name)
+    scale: int          # bytes per offset unit
+    adj: int            # bytes added to the scaled offset (negative strides)
+    rows: int
+    pitch: int
+    extent: int
+
+
+def regions(program: Program, spec: MachineSpec) -> dict:
+    """region -> (first granule, granule count, granule bytes), in a fixed order."""
+    out = {}
+    g = 0
+    for key, nbytes, gb in (("sbuf", spec.sbuf_partition_bytes, spec.dep_granule_bytes),
+                            ("psum", spec.psum_partition_bytes, spec.dep_granule_bytes)):
+        n = max(1, -(-nbytes // gb))
+        out[key] = (g, n, gb)
+        g += n
+    gb = spec.hbm_granule_bytes
+    for t in program.tensors:
+        nbytes = itemsize(t.dtype) * math.prod(t.shape)
+        n = max(1, -(-nbytes // gb))
+        out[("hbm", t.name)] = (g, n, gb)
+        g += n
+    return out
+
+
+def footprint(ap: AP, program: Program, spec: MachineSpec, regs: dict) -> Footprint:
+    es = itemsize(ap.dtype)
+    if ap.mem == "hbm":
+        try:
+            t = program.tensor(ap.name)
+        except KeyError:
+            raise SimError(f"operand refers to HBM tensor {ap.name!r}, which program "
+                           f"{program.name!r} does not declare") from None
+        key, scale, dims = ("hbm", ap.name), itemsize(t.dtype), ap.dims
+    elif ap.mem in ("sbuf", "psum"):
+        key, scale, dims = ap.mem, 1, ap.dims[1:]
+    else:
+        raise SimError(f"unknown memory {ap.mem!r} for operand {ap.name!r}; "
+                       "known: hbm, sbuf, psum")
+    adj = 0
+    ds = []
+    for stride, size in dims:
+        if size <= 1 or stride == 0:
+            continue
+        sb = stride * es
+        if sb < 0:
+            adj += sb * (size - 1)
+            sb = -sb
+        ds.append((sb, size))
+    if not ds:
+        return Footprint(key, scale, adj, 1, 0, es)
+    span = sum(sb * (size - 1) for sb, size in ds) + es
+    k = max(range(len(ds)), key=lambda i: ds[i][0])
+    pitch, rows = ds[k]
+    extent = span - pitch * (rows - 1)
+    g = regs[key][2]
+    # rows only when the gap between them can hold a whole granule (otherwise they touch
+    # every granule of the bounding range anyway); then rows <= span / granule + 1, so the
+    # row walk costs at most ~2x the bounding walk
+    if pitch >= extent + g:
+        return Footprint(key, scale, adj, rows, pitch, extent)
+    return Footprint(key, scale, adj, 1, 0, span)
+
+
+# ----------------------------------------------------------------------------------------
+# flatten
+
+
+@dataclass
+class Flat:
+    """A program flattened for the core (see the module docstring)."""
+    code: np.ndarray        # [n, 4] (kind, level | instr id, extent, jump pc)
+    itab: np.ndarray        # [instrs, I_COLS]
+    otab: np.ndarray        # [operands, O_COLS]
+    terms: np.ndarray       # [terms, 4] (level, byte coefficient, mod (0: none), mod-1 mask or -1)
+    depth: int
+    n_gran: int
+    max_segs: int           # most granule segments one instruction can touch
+    instrs: list            # static id -> Instr
+    costs: list             # static id -> Cost
+    counts: np.ndarray      # static id -> dynamic executions
+
+
+def hbm_bin_ps(spec: MachineSpec) -> int:
+    """spec.hbm_bin_ns in ps, rounded to a power of two (bin index = time >> shift)."""
+    return 1 << max(0, round(math.log2(max(spec.hbm_bin_ns * 1000.0, 1.0))))
+
+
+def flatten(program: Program, spec: MachineSpec) -> Flat:
+    regs = regions(program, spec)
+    bin_ps = hbm_bin_ps(spec)
+    code: list = []
+    irows: list = []
+    orows: list = []
+    trows: list = []
+    instrs: list = []
+    costs: list = []
+    counts: list = []
+    depth = 0
+    cost_cache: dict = {}
+
+    # regions no instruction writes: reading them can neither wait (RAW) nor hold up a
+    # writer (WAR), so those reads are not tracked at all (exact, and saves most of the
+    # granule work for input tensors)
+    # regions no instruction reads: writes to them need no WAR check
+    # Granule state is allocated for written regions only (numbered compactly here).
+    def region_key(ap):
+        return ("hbm", ap.name) if ap.mem == "hbm" else ap.mem
+
+    written, read = set(), set()
+    for ins, _ in walk_instrs(program.body):
+        read.update(region_key(ap) for ap in ins.srcs)
+        written.update(region_key(ap) for ap in (ins.dst, ins.dst2) if ap is not None)
+    gnum = {}
+    n_gran = 0
+    for key, (_, ng, _) in regs.items():
+        if key in written:
+            gnum[key] = n_gran
+            n_gran += ng
+    max_segs = 1
+
+    def operand(ap: AP, scope: list, is_read: bool) -> int:
+        fp = footprint(ap, program, spec, regs)
+        _, ng, gb = regs[fp.region]
+        goff = gnum.get(fp.region, 0)
+        rows = fp.rows if fp.region in written else 0
+        kind = K_READ if is_read else (K_WRITE_WAR if fp.region in read else K_WRITE)
+        sh = gb.bit_length() - 1 if gb & (gb - 1) == 0 else -1
+        t0 = len(trows)
+        for var, coef, mod in ap.offset.terms:
+            for lvl in range(len(scope) - 1, -1, -1):
+                if scope[lvl][0] == var:
+                    break
+            else:
+                names = ", ".join(v for v, _ in scope) or "none"
+                raise SimError(f"address of {ap.name!r} uses loop variable {var!r}, which no "
+                               f"enclosing loop defines (enclosing: {names})")
+            if mod < 0:
+                raise SimError(f"address of {ap.name!r}: modulus {mod} of {var!r} must be >= 0")
+            if mod >= scope[lvl][1]:
+                mod = 0                     # the loop never reaches the modulus
+            if coef == 0 or mod == 1:
+                continue                    # the term is always 0
+            # mask: x % mod == x & (mod - 1) for a power-of-two mod (saves a division)
+            mask = mod - 1 if mod and mod & (mod - 1) == 0 else -1
+            trows.append((lvl, coef * fp.scale, mod, mask))
+        orows.append((goff, ng, gb, sh, ap.offset.base * fp.scale + fp.adj, t0, len(trows),
+                      rows, fp.pitch, fp.extent, kind))
+        return rows
+
+    def walk(nodes, scope: list, mult: int) -> None:
+        nonlocal depth, max_segs
+        for n in nodes:
+            if isinstance(n, Loop):
+                if n.extent < 0:
+                    raise SimError(f"loop {n.var!r} has negative extent {n.extent}")
+                lvl = len(scope)
+                depth = max(depth, lvl + 1)
+                begin = len(code)
+                code.append([LOOP_BEGIN, lvl, n.extent, 0])
+                walk(n.body, scope + [(n.var, n.extent)], mult * n.extent)
+                code[begin][3] = len(code)
+                code.append([LOOP_END, lvl, n.extent, begin])
+            else:
+                c = cost_cache.get(id(n))
+                if c is None:
+                    c = cost_cache[id(n)] = instr_cost(n, spec)
+                op0 = len(orows)
+                segs = sum(operand(ap, scope, True) for ap in c.reads)
+                segs += sum(operand(ap, scope, False) for ap in c.writes)
+                max_segs = max(max_segs, segs)
+                code.append([INSTR, len(instrs), 0, 0])
+                capf = -(-bin_ps * c.hbm_ps // c.ii_ps) if c.hbm_ps else 0
+                irows.append((c.stream, c.ii_ps, c.lat_ps, int(c.is_dma), c.hbm_ps, capf,
+                              c.ports, op0, len(c.reads), len(c.writes)))
+                instrs.append(n)
+                costs.append(c)
+                counts.append(mult)
+
+    walk(program.body, [], 1)
+    return Flat(
+        code=np.array(code, dtype=np.int64).reshape(-1, 4),
+        itab=np.array(irows, dtype=np.int64).reshape(-1, I_COLS),
+        otab=np.array(orows, dtype=np.int64).reshape(-1, O_COLS),
+        terms=np.array(trows, dtype=np.int64).reshape(-1, 4),
+        depth=depth, n_gran=max(n_gran, 1), max_segs=max_segs, instrs=instrs, costs=costs,
+        counts=np.array(counts, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------
+# the Numba core
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _segments(otab, o, a, kind, seg_lo, seg_hi, seg_k, ns):
+    """Append the granule segments of operand o at byte address a (absolute granule
+    indices, inclusive; adjacent rows merged) tagged with `kind`; return the new count."""
+    goff = otab[o, O_GOFF]
+    ng = otab[o, O_NG]
+    gb = otab[o, O_G]
+    sh = otab[o, O_SH]
+    ext = otab[o, O_E]
+    rows = otab[o, O_R]
+    pitch = otab[o, O_PITCH]
+    first = ns
+    prev = -1
+    for r in range(rows):
+        lo = a + r * pitch
+        hi = lo + ext - 1
+        if sh >= 0:
+            g0 = lo >> sh
+            g1 = hi >> sh
+        else:
+            g0 = lo // gb
+            g1 = hi // gb
+        if g0 <= prev:
+            g0 = prev + 1
+        if g0 < 0:
+            g0 = 0
+        if g1 >= ng:
+            g1 = ng - 1
+        if g0 <= g1:
+            if ns > first and seg_hi[ns - 1] == goff + g0 - 1:
+                seg_hi[ns - 1] = goff + g1
+            else:
+                seg_lo[ns] = goff + g0
+                seg_hi[ns] = goff + g1
+                seg_k[ns] = kind
+                ns += 1
+            prev = g1
+    return ns
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dma_end(start, q, h, cap_full, tag, used, bin_ps, bin_sh, mask):
+    """End of a transfer needing q ps of its queue and h ps of the shared HBM channel."""
+    e_q = start + q
+    t = start
+    rem = h
+    b = start >> bin_sh
+    while True:
+        bend = (b + 1) << bin_sh
+        avail = bend - t
+        slot = b & mask
+        tg = tag[slot]
+        if tg != b:
+            if tg > b:                          # forgotten bin: treat as full
+                t = bend
+                b += 1
+                continue
+            tag[slot] = b
+            used[slot] = 0
+        free = bin_ps - used[slot]
+        if free > avail:
+            free = avail
+        # own rate limit (h/q of the time active) over the `avail` ps of this bin
+        cap = cap_full if avail == bin_ps else (avail * h + q - 1) // q
+        take = rem
+        if cap < take:
+            take = cap
+        if free < take:
+            take = free
+        used[slot] += take
+        rem -= take
+        if rem == 0:
+            fin = (take * q + h - 1) // h
+            if take > fin:
+                fin = take
+            e_h = t + fin
+            if e_h > bend:
+                e_h = bend
+            return e_q if e_q > e_h else e_h
+        t = bend
+        b += 1
+
+
+@njit(cache=True, error_model="numpy")
+def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, lr, tag,
+          used, rec_cap):
+    """Run the model. lw/lws/lr (granule state) and tag/used (HBM-channel bins) are
+    caller-owned scratch: zero (tag: -1) on entry, and left so on return."""
+    # lw: last write's ready time; lws: last write's stream + 1 (0: none); lr: latest read end
+    mask = tag.shape[0] - 1
+    bin_sh = 0
+    while (1 << bin_sh) < bin_ps:
+        bin_sh += 1
+    iv = np.zeros(max(depth, 1), np.int64)
+    sfree = np.zeros(n_streams, np.int64)
+    busy = np.zeros(n_streams, np.int64)
+    port_sbuf = 0
+    port_psum = 0
+    seg_lo = np.zeros(max_segs, np.int64)
+    seg_hi = np.zeros(max_segs, np.int64)
+    seg_k = np.zeros(max_segs, np.int64)
+    rec_s = np.zeros(rec_cap, np.int64)
+    rec_e = np.zeros(rec_cap, np.int64)
+    rec_i = np.zeros(rec_cap, np.int64)
+    gmin = lw.shape[0]                           # touched granule range, cleared on return
+    gmax = -1
+    nrec = 0
+    total = 0
+    hbm_busy = 0
+    ndyn = 0
+    ncode = code.shape[0]
+    pc = 0
+    while pc < ncode:
+        kind = code[pc, 0]
+        if kind == INSTR:
+            i = code[pc, 1]
+            s = itab[i, I_STREAM]
+            s1 = s + 1
+            t = sfree[s]
+            ports = itab[i, I_PORTS]
+            if ports != 0:
+                if ports & PORT_SBUF and port_sbuf > t:
+                    t = port_sbuf
+                if ports & PORT_PSUM and port_psum > t:
+                    t = port_psum
+            # footprints: evaluate the affine addresses, cut into granule segments
+            ns = 0
+            o0 = itab[i, I_OP0]
+            for o in range(o0, o0 + itab[i, I_NR] + itab[i, I_NW]):
+                if otab[o, O_R] > 0:
+                    a = otab[o, O_BASE]
+                    for k in range(otab[o, O_T0], otab[o, O_T1]):
+                        x = iv[terms[k, 0]]
+                        if terms[k, 2] != 0:
+                            if terms[k, 3] >= 0:
+                                x = x & terms[k, 3]
+                            else:
+                                x = x % terms[k, 2]
+                        a += terms[k, 1] * x
+                    ns = _segments(otab, o, a, otab[o, O_KIND], seg_lo, seg_hi, seg_k, ns)
+            # RAW for reads; WAW (unless the same stream wrote last) and WAR for writes
+            for k in range(ns):
+                lo = seg_lo[k]
+                hi = seg_hi[k] + 1
+                kk = seg_k[k]
+                if kk == K_READ:
+                    for g in range(lo, hi):
+                        t = max(t, lw[g])
+                else:
+                    if kk == K_WRITE_WAR:
+                        for g in range(lo, hi):
+                            t = max(t, lr[g])
+                    for g in range(lo, hi):
+                        if lws[g] != s1:
+                            t = max(t, lw[g])
+            start = t
+            if itab[i, I_DMA]:
+                h = itab[i, I_HBM]
+                if h > 0:
+                    end = _dma_end(start, itab[i, I_II], h, itab[i, I_CAPF], tag, used,
+                                   bin_ps, bin_sh, mask)
+                    hbm_busy += h
+                else:
+                    end = start + itab[i, I_II]
+            else:
+                end = start + itab[i, I_II]
+            ready = end + itab[i, I_LAT]
+            sfree[s] = end
+            busy[s] += end - start
+            if ports != 0:
+                if ports & PORT_SBUF:
+                    port_sbuf = end
+                if ports & PORT_PSUM:
+                    port_psum = end
+            for k in range(ns):
+                lo = seg_lo[k]
+                hi = seg_hi[k] + 1
+                if seg_k[k] == K_READ:
+                    for g in range(lo, hi):
+                        lr[g] = max(lr[g], end)
+                else:
+                    for g in range(lo, hi):
+                        lw[g] = max(lw[g], ready)
+                        lws[g] = s1
+                if lo < gmin:
+                    gmin = lo
+                if hi > gmax:
+                    gmax = hi
+            if ready > total:
+                total = ready
+            if nrec < rec_cap:
+                rec_s[nrec] = start
+                rec_e[nrec] = end
+                rec_i[nrec] = i
+                nrec += 1
+            ndyn += 1
+            pc += 1
+        elif kind == LOOP_BEGIN:
+            lvl = code[pc, 1]
+            iv[lvl] = 0
+            if code[pc, 2] <= 0:
+                pc = code[pc, 3] + 1
+            else:
+                pc += 1
+        else:
+            lvl = code[pc, 1]
+            iv[lvl] += 1
+            if iv[lvl] < code[pc, 2]:
+                pc = code[pc, 3] + 1
+            else:
+                pc += 1
+    for g in range(gmin, gmax):                  # leave the scratch clean for the next run
+        lw[g] = 0
+        lws[g] = 0
+        lr[g] = 0
+    tag[:] = -1
+    used[:] = 0
+    return total, busy, hbm_busy, ndyn, rec_s[:nrec], rec_e[:nrec], rec_i[:nrec]
+
+
+def run_core(flat: Flat, spec: MachineSpec, rec_cap: int = 0):
+    """Run the Numba core on a flattened program: (total_ps, busy[stream], hbm_busy_ps,
+    dynamic count, start_ps[], end_ps[], static_id[]) (records only up to rec_cap)."""
+    bin_ps = hbm_bin_ps(spec)
+    lw, lws, lr, tag, used = _scratch(flat.n_gran, HBM_RING_BINS)
+    return _core(flat.code, flat.itab, flat.otab, flat.terms, len(ENGINES) + spec.dma_queues,
+                 flat.depth, flat.max_segs, bin_ps, lw, lws, lr, tag, used, rec_cap)
+
+
+_pool = threading.local()
+
+
+def _scratch(n_gran: int, n_bins: int):
+    """Per-thread scratch state for the core, reused across runs (allocating and
+    page-faulting megabytes of granule state per candidate would dominate small runs)."""
+    if n_bins & (n_bins - 1):
+        raise SimError(f"HBM_RING_BINS={n_bins} must be a power of two")
+    st = getattr(_pool, "state", None)
+    if st is None or st[0].shape[0] < n_gran or st[3].shape[0] != n_bins:
+        size = max(n_gran, 4096)
+        st = (np.zeros(size, np.int64), np.zeros(size, np.int64), np.zeros(size, np.int64),
+              np.full(n_bins, -1, np.int64), np.zeros(n_bins, np.int64))
+        _pool.state = st
+    return st
+
+
+# ----------------------------------------------------------------------------------------
+# the entry point
+
+
+def _ap_str(ap: AP) -> str:
+    return f"{ap.mem}:{ap.name}[{ap.offset}]{list(ap.shape)}:{ap.dtype}"
+
+
+def make_report(program: Program, spec: MachineSpec, flat: Flat, total_ps: int, busy,
+                hbm_busy: int, ndyn: int, trace: dict | None = None) -> Report:
+    """Assemble a Report from the static tables and the simulated totals."""
+    names = stream_names(spec)
+    total_ps = int(total_ps)
+    cnt = flat.counts
+    costs = flat.costs
+
+    def tot(attr):
+        return int(sum(int(getattr(c, attr)) * int(n) for c, n in zip(costs, cnt)))
+
+    flops = tot("flops")
+    mm_time_s = 0.0
+    for c, n in zip(costs, cnt):
+        if c.mm_flops:
+            mm_time_s += c.mm_flops * int(n) / spec.peak_flops(c.mm_dtype)
+    compulsory = sum(itemsize(t.dtype) * math.prod(t.shape) for t in program.tensors
+                     if t.kind in ("input", "output"))
+    mem_time_s = compulsory / (spec.dma_gbps * 1e9)
+    roof_us = max(mm_time_s, mem_time_s) * 1e6
+    time_us = total_ps / 1e6
+    busy_pct = {}
+    pct = (lambda v: 100.0 * int(v) / total_ps) if total_ps else (lambda v: 0.0)
+    for s, name in enumerate(names[:len(ENGINES)]):
+        busy_pct[name] = pct(busy[s])
+    used_q = sorted({c.stream for c in costs if c.is_dma})
+    for s in used_q:
+        busy_pct[names[s]] = pct(busy[s])
+    busy_pct["dma"] = (sum(busy_pct[names[s]] for s in used_q) / len(used_q)) if used_q else 0.0
+    busy_pct["hbm"] = pct(hbm_busy)
+    return Report(
+        program=program.name, machine=spec.name,
+        cycles=int(round(total_ps * spec.pe_clock_ghz / 1000.0)),
+        time_ns=total_ps / 1e3, time_us=time_us, engine_busy=busy_pct,
+        bytes_moved={"hbm_read": tot("hbm_read"), "hbm_write": tot("hbm_write"),
+                     "sbuf": tot("sbuf_bytes"), "psum": tot("psum_bytes")},
+        flops=flops, instructions=int(ndyn), roofline_us=roof_us,
+        roofline_fraction=min(1.0, roof_us / time_us) if time_us > 0 else 1.0,
+        bound="compute" if mm_time_s >= mem_time_s else "memory", _trace=trace)
+
+
+def simulate(program: Program, spec: "MachineSpec | str" = "trn2", trace: bool = False,
+             trace_cap: int = TRACE_CAP) -> Report:
+    """Simulate `program` on `spec` (a MachineSpec or preset name); see the module docstring.
+
+    trace=True records the start/end of the first `trace_cap` dynamic instructions so that
+    `report.save_trace(path)` can write a Chrome/Perfetto timeline.
+    """
+    spec = machine(spec)
+    flat = flatten(program, spec)
+    cap = min(int(trace_cap), int(flat.counts.sum())) if trace else 0
+    total, busy, hbm_busy, ndyn, rs, re_, ri = run_core(flat, spec, cap)
+    tr = None
+    if trace:
+        names = stream_names(spec)
+        info = []
+        for ins, c in zip(flat.instrs, flat.costs):
+            args = {"op": ins.op, "engine": ins.engine, "dst": _ap_str(ins.dst),
+                    "srcs": [_ap_str(a) for a in ins.srcs]}
+            if ins.dst2 is not None:
+                args["dst2"] = _ap_str(ins.dst2)
+            for k, v in ins.attrs:
+                args[k] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+            info.append((ins.op, c.stream, args))
+        tr = {"streams": names, "start_ps": rs, "end_ps": re_, "static_id": ri,
+              "instrs": info, "cap": cap}
+    return make_report(program, spec, flat, total, busy, hbm_busy, ndyn, tr)

@@ -1,0 +1,1332 @@
+"""Lowering: a scheduled Program -> a loop-structured `sim.isa` Program.
+
+How a stage becomes instructions
+--------------------------------
+After `complete()` every stage has a *tile*: one partition loop (<= 128 iterations, one per
+partition), vectorized loops (the free dimensions) and, when tensorized, a contraction loop
+on the systolic array's rows. The remaining loops, in schedule order, become ISA loops
+whose variables address HBM and on-chip buffers affinely. A *job* is one such loop nest:
+
+    loops ...                        ISA loops (splits with a tail: a main loop + a peeled tail)
+      [acc level]                    the accumulator / result tile lives here (cache_write)
+        loops ...
+          tile:  operands -> engine instructions -> accumulate into the acc tile
+      store nest                     acc tile (+ init) -> dtype cast -> DMA to HBM / SBUF slot
+
+Operands come from, in this order: a tile already on chip with the same contents (loads
+are memoised per loop level, so fused stages share one load), a buffer filled by
+`cache_read` at an outer loop, a producer computed at this loop (`compute_at`: the
+producer's definition is evaluated in the consumer's tile layout into an SBUF buffer, so
+the intermediate never goes to HBM), or a DMA from HBM (split over the DMA queues; loads
+whose partition walks contiguous memory go through a tensor-engine transpose instead).
+Buffers are stack-allocated per loop level; a buffer allocated inside a pipelined loop
+gets `depth` slots that rotate with the loop variable (multi-buffering).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import sim
+from sim import isa
+
+from .dtypes import np_dtype
+from .ir import (ITEMSIZE, REDUCE_IDENTITY, Affine, Binary, Cast, Compare, Const, Expr,
+                 IndexValue, Load, Program, Select, Stage, TensorlangError, Unary, map_expr)
+from .schedule import Fuse, Schedule, Split, StageSched, matmul_operands
+
+DEFAULT_FREE_ELEMS = 2048  # compiler choice: default vectorization width when a schedule is silent
+DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
+
+# ----------------------------------------------------------------------------------------
+# affine values over ISA loop variables
+
+
+@dataclass(frozen=True)
+class Lin:
+    const: int = 0
+    terms: tuple[tuple[str, int, int], ...] = ()  # (isa var, coef, mod)
+
+    def __add__(self, o: "Lin | int") -> "Lin":
+        if isinstance(o, int):
+            return Lin(self.const + o, self.terms)
+        d: dict = {}
+        for v, c, m in self.terms + o.terms:
+            d[(v, m)] = d.get((v, m), 0) + c
+        return Lin(self.const + o.const, tuple((v, c, m) for (v, m), c in sorted(d.items()) if c))
+
+    def scale(self, k: int) -> "Lin":
+        if k == 0:
+            return Lin()
+        return Lin(self.const * k, tuple((v, c * k, m) for v, c, m in self.terms))
+
+    def addr(self) -> isa.Addr:
+        return isa.Addr(self.const, self.terms)
+
+    @staticmethod
+    def var(v: str) -> "Lin":
+        return Lin(0, ((v, 1, 0),))
+
+
+# ----------------------------------------------------------------------------------------
+# jobs: one loop nest computing one stage (or a producer inside its consumer)
+
+
+@dataclass
+class Job:
+    stage: str
+    value: Expr                    # indices over atom names
+    reduce: str | None
+    init: Expr | None
+    loops: list[str]               # loop atoms, outermost first
+    kind: dict[str, str]           # atom -> spatial | reduce
+    split_of: dict[str, Split]     # split var (outer or inner) -> its split
+    root_ext: dict[str, int]       # root vars -> extent
+    part: str                      # partition atom
+    free: list[str]                # spatial free atoms
+    red_free: list[str]            # vectorized reduction atoms
+    contract: str | None           # tensorized contraction atom
+    acc_level: int
+    acc_mem: str
+    dest: "HbmDest | SlotDest"
+    out_dtype: str
+    pipe: dict[str, int] = field(default_factory=dict)
+    unroll: set = field(default_factory=set)
+    hooks: dict[str, list] = field(default_factory=dict)  # loop atom -> [("cache"|"attach", ...)]
+    ops: tuple | None = None       # tensorized: (stationary load, moving load)
+    mm_dtype: str = "bfloat16"     # tensorized: matmul input dtype
+    direct: bool = False           # the acc tile is the destination (no store nest)
+
+
+@dataclass(frozen=True)
+class HbmDest:
+    tensor: str
+    index: tuple[Affine, ...]
+
+
+@dataclass(frozen=True)
+class SlotDest:
+    base: Lin
+    dtype: str
+    strides: tuple[int, ...]       # element strides of the free atoms
+    mem: str = "sbuf"
+    name: str = "slot"
+
+
+@dataclass
+class Val:
+    """A tile of values on chip: partition p plus `deps` free atoms (row-major)."""
+    mem: str
+    base: Lin                      # byte offset within the partition
+    deps: tuple[str, ...]
+    strides: tuple[int, ...]       # element stride of each dep
+    dtype: str
+    name: str
+    part: int = 0
+
+
+@dataclass
+class Env:
+    lin: dict                      # atom -> Lin
+    ext: dict                      # atom / split var -> extent in this region
+    loops: tuple = ()              # enclosing ISA loop vars
+    pipe: dict = field(default_factory=dict)
+
+    def bind(self, atom: str, value: Lin, **ext) -> "Env":
+        e = Env(dict(self.lin), dict(self.ext), self.loops, dict(self.pipe))
+        e.lin[atom] = value
+        e.ext.update(ext)
+        return e
+
+
+# ----------------------------------------------------------------------------------------
+# schedule completion
+
+
+def complete(sched: Schedule, spec: sim.MachineSpec) -> Schedule:
+    """Fill in what the schedule left open, deterministically, with legal defaults:
+    a partition loop (the outermost spatial loop, split to the partition count) and
+    vectorized loops (the innermost spatial loop and, for reductions, the innermost
+    reduction loop, split to DEFAULT_FREE_ELEMS). Stages computed at a consumer take their
+    spatial layout from it, so only their reduction loops are completed."""
+    s = sched.copy()
+    s.machine = spec
+    for ss in s.state.stages:
+        if ss.inline:
+            continue
+        if ss.attach:
+            _complete_attached(s, ss.stage, spec)
+        else:
+            _complete_root(s, ss.stage, spec)
+    return s
+
+
+def _free_size(ss: StageSched) -> int:
+    n = 1
+    for v in ss.vectorized:
+        n *= ss.var(v).extent
+    return n
+
+
+def _complete_root(s: Schedule, stage: str, spec):
+    ss = s.state.get(stage)
+    tile = set(ss.tile_vars())
+    spatial = [v for v in ss.order if ss.var(v).kind == "spatial" and v not in tile]
+    if ss.partition is None:
+        cands = [v for v in spatial if ss.var(v).extent > 1] or spatial
+        if cands:
+            v = cands[0]
+            if ss.var(v).extent > spec.partitions:
+                _, v = s.split(v, spec.partitions, stage=stage)
+            s.partition(v, stage=stage)
+        else:  # a scalar result: give it a one-iteration partition loop
+            raise TensorlangError(f"stage {stage!r} has no spatial loop to map to partitions")
+    ss = s.state.get(stage)
+    limit = spec.matmul_max_n if ss.tensorized else DEFAULT_FREE_ELEMS
+    if not any(ss.var(v).kind == "spatial" for v in ss.vectorized):
+        rest = [v for v in ss.order if ss.var(v).kind == "spatial" and v not in ss.tile_vars()]
+        if rest:
+            v = rest[-1]
+            if ss.var(v).extent * _free_size(ss) > limit:
+                f = max(1, limit // _free_size(ss))
+                if f < ss.var(v).extent:
+                    _, v = s.split(v, f, stage=stage)
+            s.vectorize(v, stage=stage)
+    ss = s.state.get(stage)
+    if not ss.tensorized and not any(ss.var(v).kind == "reduce" for v in ss.vectorized):
+        _vectorize_reduce(s, stage)
+    _check_tile(s.state.get(stage), spec, s.prog)
+
+
+def _vectorize_reduce(s: Schedule, stage: str):
+    ss = s.state.get(stage)
+    red = [v for v in ss.order if ss.var(v).kind == "reduce" and v not in ss.tile_vars()]
+    if not red:
+        return
+    v = red[-1]
+    room = max(1, DEFAULT_FREE_ELEMS // _free_size(ss))
+    if room == 1:
+        return
+    if ss.var(v).extent > room:
+        _, v = s.split(v, room, stage=stage)
+    s.vectorize(v, stage=stage)
+
+
+def _complete_attached(s: Schedule, stage: str, spec):
+    ss = s.state.get(stage)
+    for r in ss.relations:
+        v = r.parent if isinstance(r, Split) else r.outer
+        if ss.var(v).kind == "spatial":
+            raise TensorlangError(
+                f"stage {stage!r} is computed at {ss.attach[0]}.{ss.attach[1]} and also has its own "
+                f"spatial loop transformations ({v!r}); it takes its spatial tiling from the consumer")
+    if ss.partition or any(ss.var(v).kind == "spatial" for v in ss.vectorized):
+        raise TensorlangError(f"stage {stage!r} is computed at {ss.attach[0]}.{ss.attach[1]}; "
+                              "its partition/vectorized spatial loops come from the consumer")
+    if not ss.tensorized and not any(ss.var(v).kind == "reduce" for v in ss.vectorized):
+        _vectorize_reduce(s, stage)
+
+
+def _check_tile(ss: StageSched, spec, prog: Program):
+    st = prog.stage(ss.stage)
+    for r in ss.relations:
+        if isinstance(r, Split) and r.tail and r.outer in ss.tile_vars():
+            raise TensorlangError(f"stage {ss.stage!r}: tile loop {r.outer!r} is the outer loop of "
+                                  f"a split with a tail of {r.tail}")
+        if isinstance(r, Fuse) and r.fused in (ss.partition, ss.tensorized):
+            raise TensorlangError(f"stage {ss.stage!r}: a fused loop ({r.fused!r}) cannot be the "
+                                  "partition or contraction loop")
+    free = _free_size(ss)
+    limit = spec.matmul_max_n if ss.tensorized else spec.max_free_elems_sbuf
+    if free > limit:
+        raise TensorlangError(f"stage {ss.stage!r}: tile free size {free} > {limit}")
+    if ss.tensorized and st.reduce != "add":
+        raise TensorlangError(f"stage {ss.stage!r}: tensorize needs a sum reduction")
+
+
+# ----------------------------------------------------------------------------------------
+# inlining and padding (program rewrites done before lowering)
+
+
+def inline_stages(prog: Program, sched: Schedule) -> Program:
+    inl = [ss.stage for ss in sched.state.stages if ss.inline]
+    stages = list(prog.stages)
+    for name in inl:
+        p = prog.stage(name)
+        axis_of_dim = [ix.terms[0][0] for ix in p.index]
+
+        def sub(e, p=p, axis_of_dim=axis_of_dim):
+            if isinstance(e, Load) and e.tensor == p.tensor:
+                if e.pad is not None:
+                    raise TensorlangError(f"compute_inline {p.name!r}: a consumer reads "
+                                          f"{p.tensor!r} with padding", e.loc)
+                m = {axis_of_dim[d]: e.index[d] for d in range(len(e.index))}
+                return _subst(p.value, m)
+            return e
+
+        stages = [dataclasses.replace(
+            st, value=map_expr(st.value, sub),
+            init=map_expr(st.init, sub) if st.init is not None else None)
+            for st in stages if st.name != name]
+    temps = tuple(t for t in prog.temps if not any(prog.stage(n).tensor == t.name for n in inl))
+    return dataclasses.replace(prog, stages=tuple(stages), temps=temps)
+
+
+def _subst(e: Expr, m: dict[str, Affine]) -> Expr:
+    def fn(x):
+        if isinstance(x, Load):
+            return Load(x.tensor, tuple(ix.substitute(m) for ix in x.index), x.pad, x.loc)
+        if isinstance(x, IndexValue):
+            return IndexValue(x.index.substitute(m))
+        return x
+    return map_expr(e, fn)
+
+
+def pad_tensors(prog: Program) -> tuple[Program, list]:
+    """Reads with a pad value -> reads of a padded copy (filled before its first reader)."""
+    need: dict = {}
+    for st in prog.stages:
+        ext = st.extents()
+        for ld in st.reads():
+            if ld.pad is None:
+                continue
+            shape = prog.tensors[ld.tensor].shape
+            lo_hi = need.setdefault((ld.tensor, float(ld.pad)), [[0, 0] for _ in shape])
+            for d, ix in enumerate(ld.index):
+                lo, hi = ix.bounds(ext)
+                lo_hi[d][0] = max(lo_hi[d][0], -lo)
+                lo_hi[d][1] = max(lo_hi[d][1], hi - (shape[d] - 1))
+    if not need:
+        return prog, []
+    names = {}
+    pads = []
+    for n, ((t, v), lh) in enumerate(need.items()):
+        tt = prog.tensors[t]
+        name = f"{t}_pad{n}" if len(need) > 1 else f"{t}_pad"
+        shape = tuple(s + lo + hi for s, (lo, hi) in zip(tt.shape, lh))
+        names[(t, v)] = (name, [lo for lo, _ in lh])
+        pads.append((t, v, name, shape, [lo for lo, _ in lh]))
+
+    def fn(x):
+        if isinstance(x, Load) and x.pad is not None:
+            name, lo = names[(x.tensor, float(x.pad))]
+            return Load(name, tuple(ix + l for ix, l in zip(x.index, lo)), None, x.loc)
+        return x
+
+    stages = tuple(dataclasses.replace(st, value=map_expr(st.value, fn),
+                                       init=map_expr(st.init, fn) if st.init is not None else None)
+                   for st in prog.stages)
+    from .ir import Tensor  # noqa: PLC0415
+    temps = prog.temps + tuple(Tensor(name, shape, prog.tensors[t].dtype, "temp")
+                               for t, v, name, shape, lo in pads)
+    return dataclasses.replace(prog, stages=stages, temps=temps), pads
+
+
+# ----------------------------------------------------------------------------------------
+# the lowerer
+
+
+class Lowerer:
+    def __init__(self, prog: Program, sched: Schedule, spec: sim.MachineSpec):
+        self.prog, self.sched, self.spec = prog, sched, spec
+        self.tensors = prog.tensors
+        self.body: list[list] = [[]]
+        self.sbuf_top = 0
+        self.psum_top = 0
+        self.sbuf_peak = 0
+        self.buffers: list[isa.Buffer] = []
+        self.live: list[tuple[str, int]] = []
+        self.memo: list[dict] = [{}]
+        self.queue = 0
+        self.names: dict[str, int] = {}
+        self.scratch: set[str] = set()
+        self.attached = {ss.stage: ss.attach for ss in sched.state.stages if ss.attach}
+        self.stage_of_tensor = {st.tensor: st for st in prog.stages}
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def emit(self, ins: isa.Instr):
+        self.body[-1].append(ins)
+
+    def fresh(self, base: str) -> str:
+        n = self.names.get(base, 0)
+        self.names[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    class _Level:
+        def __init__(self, lw):
+            self.lw = lw
+
+        def __enter__(self):
+            lw = self.lw
+            self.mark = (lw.sbuf_top, lw.psum_top, len(lw.live))
+            lw.memo.append({})
+
+        def __exit__(self, *exc):
+            lw = self.lw
+            lw.sbuf_top, lw.psum_top, n = self.mark
+            del lw.live[n:]
+            lw.memo.pop()
+
+    def level(self):
+        return Lowerer._Level(self)
+
+    def alloc(self, mem: str, nbytes: int, name: str, env: Env) -> Lin:
+        """Stack-allocate `nbytes` per partition; multi-slot inside a pipelined loop."""
+        spec = self.spec
+        rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
+        if mem == "psum":
+            unit = spec.psum_bank_bytes
+            if nbytes > unit:
+                raise TensorlangError(f"PSUM tile {name!r} needs {nbytes} bytes per partition > "
+                                      f"one {unit}-byte bank")
+            slot = unit
+        else:
+            unit = spec.dep_granule_bytes
+            slot = -(-max(nbytes, 1) // unit) * unit
+        depth = rot[1] if rot else 1
+        size = slot * depth
+        top = self.psum_top if mem == "psum" else self.sbuf_top
+        cap = spec.psum_partition_bytes if mem == "psum" else spec.sbuf_partition_bytes
+        if top + size > cap:
+            live = ", ".join(f"{n} {b / 1024:.1f} KiB" for n, b in self.live if n.startswith(mem))
+            raise TensorlangError(
+                f"{mem.upper()} overflow on {spec.name}: tile {name!r} needs {size / 1024:.1f} KiB per "
+                f"partition ({depth} slot(s)) with {top / 1024:.1f} KiB in use [{live}]; "
+                f"{spec.name} has {cap / 1024:.0f} KiB per partition")
+        bname = self.fresh(name)
+        self.buffers.append(isa.Buffer(bname, mem, top, size))
+        self.live.append((f"{mem}:{bname}", size))
+        if mem == "psum":
+            self.psum_top += size
+        else:
+            self.sbuf_top += size
+            self.sbuf_peak = max(self.sbuf_peak, self.sbuf_top)
+        base = Lin(top)
+        if rot:
+            v, d = rot
+            base = base + Lin(0, ((v, slot, d),))
+        return base, bname
+
+    def loop(self, var: str, extent: int, fn):
+        self.body.append([])
+        fn()
+        body = self.body.pop()
+        if body:
+            self.emit(isa.Loop(var, extent, tuple(body)))
+
+    def next_queue(self) -> str:
+        q = f"q{self.queue % self.spec.dma_queues}"
+        self.queue += 1
+        return q
+
+    def dma(self, dst: isa.AP, src: isa.AP):
+        """One DMA per piece of about DMA_PIECE_BYTES, split along the first dimension."""
+        P = dst.dims[0][1]
+        nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
+        pieces = max(1, min(self.spec.dma_queues, P, nbytes // DMA_PIECE_BYTES))
+        step = -(-P // pieces)
+        for s0 in range(0, P, step):
+            n = min(step, P - s0)
+            self.emit(isa.Instr.make("dma", self.next_queue(), _sub_ap(dst, s0, n),
+                                     (_sub_ap(src, s0, n),)))
+
+    # -- values -----------------------------------------------------------------------------
+    def tile(self, P: int, deps, ext, dtype, name, env, mem="sbuf") -> Val:
+        strides, n = [], 1
+        for d in reversed(deps):
+            strides.append(n)
+            n *= ext[d]
+        base, bname = self.alloc(mem, n * ITEMSIZE[dtype], name, env)
+        return Val(mem, base, tuple(deps), tuple(reversed(strides)), dtype, bname)
+
+    def ap(self, v: Val, P: int, dims: list, ext) -> isa.AP:
+        """Read/write AP of `v` over [P] + dims (stride 0 where v doesn't depend on a dim)."""
+        d = [(1, P)]
+        for a in dims:
+            d.append((v.strides[v.deps.index(a)] if a in v.deps else 0, ext[a]))
+        if len(d) == 1:
+            d.append((1, 1))
+        return isa.AP(v.mem, v.name, v.dtype, v.base.addr(), tuple(d), v.part)
+
+    # -- the job driver -----------------------------------------------------------------------
+    def run_job(self, job: Job, env: Env):
+        self.emit_loops(job, 0, env)
+
+    def ext_of(self, job: Job, u: str, env: Env) -> int:
+        if u in env.ext:
+            return env.ext[u]
+        if u in job.root_ext:
+            return job.root_ext[u]
+        s = job.split_of.get(u)
+        if s is None:
+            raise AssertionError(f"no extent for {u}")
+        n = self.ext_of(job, s.parent, env)
+        if u == s.outer:
+            return -(-n // s.factor)
+        if n % s.factor:
+            raise TensorlangError(f"stage {job.stage!r}: loop {u!r} would be ragged (its split "
+                                  f"leaves a tail of {n % s.factor}); keep {s.outer!r} outside it")
+        return s.factor
+
+    def bind_loop(self, job: Job, u: str, env: Env, body):
+        """Emit loop atom u (main loop + peeled tail), calling body(env) inside."""
+        s = job.split_of.get(u)
+        if s is not None and s.outer == u:
+            n = self.ext_of(job, s.parent, env)
+            main, tail = n // s.factor, n % s.factor
+            parts = [(0, main, s.factor)] + ([(main, 1, tail)] if tail else [])
+            inner = s.inner
+        else:
+            parts = [(0, self.ext_of(job, u, env), None)]
+            inner = None
+        for start, count, inner_ext in parts:
+            if count <= 0:
+                continue
+            extra = {u: count if start == 0 else 1}
+            if inner is not None:
+                extra[inner] = inner_ext
+            if count == 1 or u in job.unroll:
+                for c in range(start, start + count):
+                    body(env.bind(u, Lin(c), **extra))
+            else:
+                e = env.bind(u, Lin.var(u), **extra)
+                e.loops = env.loops + (u,)
+                if u in job.pipe:
+                    e.pipe[u] = job.pipe[u]
+                self.loop(u, count, lambda e=e: body(e))
+
+    def emit_loops(self, job: Job, k: int, env: Env):
+        if k == job.acc_level:
+            with self.level():
+                env = self.alloc_acc(job, env)
+                self.emit_body(job, k, env)
+                if (job.acc_level < len(job.loops) or job.reduce is not None) and not job.direct:
+                    self.emit_store_nest(job, k, env)
+            return
+        self.emit_body(job, k, env)
+
+    def emit_body(self, job: Job, k: int, env: Env):
+        if k == len(job.loops):
+            self.emit_tile(job, env)
+            return
+        u = job.loops[k]
+
+        def inside(e):
+            with self.level():
+                for hook in job.hooks.get(u, ()):
+                    hook(e)
+                self.emit_loops(job, k + 1, e)
+        self.bind_loop(job, u, env, inside)
+
+    # -- accumulator and store ---------------------------------------------------------------
+    def tile_ext(self, job: Job, env: Env) -> dict:
+        ext = dict(env.ext)
+        for a in [job.part] + job.free + job.red_free + ([job.contract] if job.contract else []):
+            ext[a] = self.ext_of(job, a, env)
+        return ext
+
+    def nominal(self, job: Job, u: str, env: Env | None = None) -> int:
+        """The largest extent loop atom u takes (buffer slots are sized by it)."""
+        if u in job.root_ext:
+            return job.root_ext[u]
+        s = job.split_of.get(u)
+        if s is None:  # a consumer's atom inside a producer's job: its extent here
+            return env.ext[u]
+        return -(-self.nominal(job, s.parent, env) // s.factor) if u == s.outer else s.factor
+
+    def alloc_acc(self, job: Job, env: Env) -> Env:
+        """The acc / result tile at the acc level: one slot per iteration of the spatial loops
+        inside it, each [P, free...] at nominal (largest) extents."""
+        if job.acc_level == len(job.loops) and job.reduce is None:
+            return env
+        inner = [u for u in job.loops[job.acc_level:] if job.kind[u] == "spatial"]
+        d = job.dest
+        if (isinstance(d, SlotDest) and not inner and job.init is None and job.acc_mem == "sbuf"
+                and d.dtype == "float32" and d.mem == "sbuf"):
+            job.direct = True  # accumulate straight into the consumer's buffer
+            env = Env(dict(env.lin), dict(env.ext), env.loops, dict(env.pipe))
+            env.lin["__acc__"] = ("sbuf", d.name, d.base, "float32", {}, d.strides)
+            return env
+        nom = {u: self.nominal(job, u, env) for u in inner + job.free}
+        per_slot = 1
+        for f in job.free:
+            per_slot *= nom[f]
+        dtype = "float32" if job.reduce is not None else job.out_dtype
+        mem = job.acc_mem
+        if mem == "psum":
+            bank_elems = self.spec.psum_bank_bytes // ITEMSIZE[dtype]
+            if per_slot > bank_elems:
+                raise TensorlangError(f"stage {job.stage!r}: PSUM tile of {per_slot} elements > "
+                                      f"{bank_elems} per bank")
+            slot_elems = bank_elems
+        else:
+            slot_elems = per_slot
+        nslots = 1
+        for u in inner:
+            nslots *= nom[u]
+        if mem == "psum":
+            bytes_total = nslots * self.spec.psum_bank_bytes
+            if bytes_total > self.spec.psum_partition_bytes:
+                raise TensorlangError(
+                    f"stage {job.stage!r}: {nslots} PSUM accumulator tiles (loops "
+                    f"{', '.join(inner)} inside the accumulator) need {nslots} banks; "
+                    f"{self.spec.name} has {self.spec.psum_banks}")
+            base, name = self.alloc_banks(nslots, f"{job.stage}_acc", env)
+        else:
+            base, name = self.alloc("sbuf", nslots * slot_elems * ITEMSIZE[dtype],
+                                    f"{job.stage}_acc", env)
+        slot_stride, s = {}, slot_elems
+        for u in reversed(inner):
+            slot_stride[u] = s
+            s *= nom[u]
+        strides, n = [], 1
+        for f in reversed(job.free):
+            strides.append(n)
+            n *= nom[f]
+        env = Env(dict(env.lin), dict(env.ext), env.loops, dict(env.pipe))
+        env.lin["__acc__"] = (mem, name, base, dtype, slot_stride, tuple(reversed(strides)))
+        return env
+
+    def alloc_banks(self, n: int, name: str, env: Env):
+        spec = self.spec
+        rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
+        depth = rot[1] if rot else 1
+        size = n * depth * spec.psum_bank_bytes
+        if self.psum_top + size > spec.psum_partition_bytes:
+            raise TensorlangError(
+                f"PSUM overflow on {spec.name}: {name!r} needs {n * depth} banks ({n} tiles x "
+                f"{depth} slots) with {self.psum_top // spec.psum_bank_bytes} in use; "
+                f"{spec.name} has {spec.psum_banks}")
+        bname = self.fresh(name)
+        self.buffers.append(isa.Buffer(bname, "psum", self.psum_top, size))
+        base = Lin(self.psum_top)
+        if rot:
+            base = base + Lin(0, ((rot[0], n * spec.psum_bank_bytes, rot[1]),))
+        self.psum_top += size
+        return base, bname
+
+    def acc_val(self, job: Job, env: Env) -> Val:
+        mem, name, base, dtype, slot_stride, strides = env.lin["__acc__"]
+        b = base
+        for u, st in slot_stride.items():
+            b = b + env.lin[u].scale(st * ITEMSIZE[dtype])
+        return Val(mem, b, tuple(job.free), strides, dtype, name)
+
+    def emit_store_nest(self, job: Job, k: int, env: Env):
+        inner = [u for u in job.loops[k:] if job.kind[u] == "spatial"]
+
+        def rec(i, e):
+            if i == len(inner):
+                self.store_tile(job, e)
+                return
+            self.bind_loop(job, inner[i], e, lambda e2: rec(i + 1, e2))
+        rec(0, env)
+
+    def store_tile(self, job: Job, env: Env):
+        ext = self.tile_ext(job, env)
+        P = ext[job.part]
+        acc = self.acc_val(job, env)
+        if job.reduce is not None and job.init is not None:
+            iv = self.eval(job, job.init, env, ext, job.free)
+            out = self.binary(job.reduce, iv, acc, env, ext, job.free, P,
+                              dst_dtype=job.out_dtype)
+        else:
+            out = acc
+        self.write_dest(job, out, env, ext)
+
+    def write_dest(self, job: Job, v, env: Env, ext):
+        P = ext[job.part]
+        if isinstance(job.dest, SlotDest):
+            d = job.dest
+            dims = ((1, P),) + tuple((s, ext[f]) for s, f in zip(d.strides, job.free))
+            dst = isa.AP(d.mem, d.name, d.dtype, d.base.addr(), dims if len(dims) > 1
+                         else dims + ((1, 1),))
+            self.copy_into(v, dst, job.free, ext, P, env)
+            return
+        t = self.tensors[job.dest.tensor]
+        if not (isinstance(v, Val) and v.mem == "sbuf" and v.dtype == t.dtype
+                and v.deps == tuple(job.free)):
+            tv = self.tile(P, job.free, ext, t.dtype, f"{job.stage}_out", env)
+            self.copy_into(v, self.ap(tv, P, job.free, ext), job.free, ext, P, env)
+            v = tv
+        src = self.ap(v, P, job.free, ext)
+        dst = self.hbm_ap(job.dest.tensor, job.dest.index, job.part, job.free, env, ext)
+        self.dma(dst, src)
+        self.invalidate(job.dest.tensor)
+
+    def copy_into(self, v, dst: isa.AP, dims, ext, P, env):
+        if isinstance(v, float):
+            self.emit(isa.Instr.make("memset", "dve", dst, value=float(v)))
+        else:
+            eng = "act" if v.mem == "psum" else "dve"
+            self.emit(isa.Instr.make("tensor_copy", eng, dst, (self.ap(v, P, dims, ext),)))
+
+    def invalidate(self, tensor: str):
+        for m in self.memo:
+            for k in [k for k in m if k[0] == tensor]:
+                del m[k]
+
+    # -- HBM access patterns -----------------------------------------------------------------
+    def flat(self, tensor: str, index: tuple[Affine, ...]) -> Affine:
+        shape = self.tensors[tensor].shape
+        out, stride = Affine(), 1
+        for d in reversed(range(len(shape))):
+            out = out + index[d].scale(stride)
+            stride *= shape[d]
+        return out
+
+    def split_affine(self, a: Affine, env: Env) -> Lin:
+        """The part of `a` bound to loop values (tile atoms are excluded by the caller)."""
+        out = Lin(a.const)
+        for v, c in a.terms:
+            if v in env.lin:
+                out = out + env.lin[v].scale(c)
+        return out
+
+    def hbm_ap(self, tensor, index, part, free, env, ext) -> isa.AP:
+        fl = self.flat(tensor, index)
+        tile = {part, *free}
+        for v, _ in fl.terms:
+            if v not in tile and v not in env.lin:
+                raise AssertionError(f"unbound atom {v} in {tensor}")
+        off = self.split_affine(Affine(tuple((v, c) for v, c in fl.terms if v not in tile),
+                                       fl.const), env)
+        dims = [(fl.coef(part), ext[part])] + [(fl.coef(f), ext[f]) for f in free]
+        if len(dims) == 1:
+            dims.append((1, 1))
+        return isa.AP("hbm", tensor, self.tensors[tensor].dtype, off.addr(), tuple(dims))
+
+    # -- operands -------------------------------------------------------------------------------
+    def operand_key(self, ld: Load, part: str, deps, env: Env, ext):
+        """Tiles with equal keys hold equal data: HBM loads are keyed by their access
+        pattern (so stages with differently named loops share a load), on-chip producers
+        by the symbolic read."""
+        producer = self.stage_of_tensor.get(ld.tensor)
+        if producer is not None and producer.name in self.attached:
+            return (ld.tensor, ld.index, part, deps)
+        src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
+        return (ld.tensor, "hbm", src.offset, src.dims)
+
+    def operand(self, job: Job, ld: Load, part: str, dims, env: Env, ext) -> Val:
+        deps = tuple(f for f in dims if any(ix.coef(f) for ix in ld.index))
+        key = self.operand_key(ld, part, deps, env, ext)
+        for m in reversed(self.memo):
+            if key in m:
+                return m[key](env, deps)
+        P = ext[part]
+        producer = self.stage_of_tensor.get(ld.tensor)
+        if producer is not None and producer.name in self.attached:
+            v = self.virtual(producer, ld, part, deps, env, ext)
+        else:
+            v = self.load(ld, part, deps, env, ext, P)
+        self.memo[-1][key] = lambda e, d, v=v: dataclasses.replace(v, deps=d)
+        return v
+
+    def load(self, ld: Load, part: str, deps, env: Env, ext, P: int, into: Val | None = None) -> Val:
+        t = self.tensors[ld.tensor]
+        fl = self.flat(ld.tensor, ld.index)
+        v = into or self.tile(P, deps, ext, t.dtype, f"{ld.tensor}_t", env)
+        dst = self.ap(v, P, list(deps), ext)
+        src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
+        cp = fl.coef(part)
+        if (len(deps) == 1 and abs(cp) == 1 and abs(fl.coef(deps[0])) > 1 and P > 1
+                and ext[deps[0]] <= self.spec.partitions and P * 4 <= self.spec.psum_bank_bytes):
+            # partitions would walk contiguous memory: load rows, transpose on the tensor engine
+            f = deps[0]
+            F = ext[f]
+            with self.level():
+                env2 = Env(dict(env.lin), dict(env.ext), (), {})
+                nat = self.tile(F, (part,), ext, t.dtype, f"{ld.tensor}_rows", env2)
+                self.dma(self.ap(nat, F, [part], ext),
+                         isa.AP("hbm", ld.tensor, t.dtype, src.offset, ((src.dims[1][0], F),
+                                                                         (src.dims[0][0], P))))
+                ps = self.tile(P, (f,), ext, "float32", f"{ld.tensor}_T", env2, mem="psum")
+                self.emit(isa.Instr.make("transpose", "pe", self.ap(ps, P, [f], ext),
+                                         (self.ap(nat, F, [part], ext),)))
+                self.emit(isa.Instr.make("tensor_copy", "act", dst, (self.ap(ps, P, [f], ext),)))
+            return v
+        self.dma(dst, src)
+        return v
+
+    def virtual(self, producer: Stage, ld: Load, part: str, deps, env: Env, ext,
+                into: tuple | None = None) -> Val:
+        """Evaluate `producer` at the points `ld` reads, in the [part, deps] layout."""
+        P = ext[part]
+        axis_of_dim = [ix.terms[0][0] for ix in producer.index]
+        m = {axis_of_dim[d]: ld.index[d] for d in range(len(ld.index))}
+        ss = self.sched.state.get(producer.name)
+        ren = {}
+        for v in ss.vars:
+            if v.kind == "reduce":
+                ren[v.name] = self.fresh(f"{producer.name}_{v.name}")
+        job = make_job(self, producer, ss, ren, spatial_map=m, part=part, free=list(deps))
+        if into is None:
+            v = self.tile(P, deps, ext, self.tensors[producer.tensor].dtype,
+                          f"{producer.tensor}_sb", env)
+        else:
+            v = into
+        job.dest = SlotDest(v.base, v.dtype, v.strides, v.mem, v.name)
+        env2 = Env({k: x for k, x in env.lin.items() if k != "__acc__"}, dict(env.ext),
+                   env.loops, dict(env.pipe))
+        for a in (part, *deps):
+            env2.ext[a] = ext[a]
+        self.run_job(job, env2)
+        return v
+
+    # -- expression evaluation ------------------------------------------------------------------
+    def eval(self, job: Job, e: Expr, env: Env, ext, dims, part=None):
+        part = part or job.part
+        P = ext[part]
+        if isinstance(e, Const):
+            return float(e.value)
+        if isinstance(e, Load):
+            return self.operand(job, e, part, dims, env, ext)
+        if isinstance(e, IndexValue):
+            deps = tuple(f for f in dims if e.index.coef(f))
+            out = self.tile(P, deps, ext, "float32", "iota", env)
+            base = self.split_affine(Affine(tuple((v, c) for v, c in e.index.terms
+                                                  if v not in dims and v != part), e.index.const), env)
+            if any(t[2] for t in base.terms):
+                raise TensorlangError("index values of multi-buffered loops are not supported")
+            self.emit(isa.Instr.make("iota", "pool", self.ap(out, P, list(deps), ext),
+                                     base=base.addr(), pcoef=e.index.coef(part),
+                                     fcoefs=tuple(e.index.coef(f) for f in deps)))
+            return out
+        if isinstance(e, Cast):
+            a = self.eval(job, e.a, env, ext, dims, part)
+            if isinstance(a, float):
+                return float(np.asarray(a, np.float32).astype(np_dtype(e.dtype)).astype(np.float32))
+            out = self.tile(P, a.deps, ext, e.dtype, "cast", env)
+            self.emit(isa.Instr.make("tensor_copy", "dve", self.ap(out, P, list(a.deps), ext),
+                                     (self.ap(a, P, list(a.deps), ext),)))
+            return out
+        if isinstance(e, Unary):
+            a = self.eval(job, e.a, env, ext, dims, part)
+            if isinstance(a, float):
+                from sim.funcs import FUNCS  # noqa: PLC0415
+                return float(FUNCS[e.op](np.array([a], np.float32))[0])
+            out = self.tile(P, a.deps, ext, "float32", e.op, env)
+            self.emit(isa.Instr.make("activation", "act", self.ap(out, P, list(a.deps), ext),
+                                     (self.ap(a, P, list(a.deps), ext),), func=e.op,
+                                     scale=1.0, bias=0.0))
+            return out
+        if isinstance(e, (Binary, Compare)):
+            a = self.eval(job, e.a, env, ext, dims, part)
+            b = self.eval(job, e.b, env, ext, dims, part)
+            return self.binary(e.op, a, b, env, ext, dims, P)
+        if isinstance(e, Select):
+            c = self.eval(job, e.cond, env, ext, dims, part)
+            a = self.eval(job, e.a, env, ext, dims, part)
+            b = self.eval(job, e.b, env, ext, dims, part)
+            if isinstance(c, float):
+                return a if c != 0.0 else b
+            ops = [x if isinstance(x, Val) else self.const_tile(x, P, env) for x in (c, a, b)]
+            deps = tuple(f for f in dims if any(f in x.deps for x in ops))
+            out = self.tile(P, deps, ext, "float32", "sel", env)
+            self.emit(isa.Instr.make("select", "dve", self.ap(out, P, list(deps), ext),
+                                     tuple(self.ap(x, P, list(deps), ext) for x in ops)))
+            return out
+        raise TypeError(e)
+
+    def const_tile(self, value: float, P: int, env) -> Val:
+        key = ("__const__", value, P)
+        for m in reversed(self.memo):
+            if key in m:
+                return m[key](env, ())
+        v = self.tile(P, (), {}, "float32", "const", env)
+        self.emit(isa.Instr.make("memset", "dve", self.ap(v, P, [], {}), value=float(value)))
+        self.memo[-1][key] = lambda e, d, v=v: v
+        return v
+
+    def binary(self, op, a, b, env, ext, dims, P, dst_dtype="float32"):
+        if isinstance(a, float) and isinstance(b, float):
+            from sim.funcs import ALU  # noqa: PLC0415
+            return float(ALU[op](np.float32(a), np.float32(b)))
+        if isinstance(a, float) or isinstance(b, float):
+            x, c, rev = (b, a, True) if isinstance(a, float) else (a, b, False)
+            out = self.tile(P, x.deps, ext, dst_dtype, op, env)
+            self.emit(isa.Instr.make("tensor_scalar", "dve", self.ap(out, P, list(x.deps), ext),
+                                     (self.ap(x, P, list(x.deps), ext),), op0=op, scalar0=c,
+                                     reverse0=rev))
+            return out
+        deps = tuple(f for f in dims if f in a.deps or f in b.deps)
+        out = self.tile(P, deps, ext, dst_dtype, op, env)
+        dst = self.ap(out, P, list(deps), ext)
+        if (not a.deps or not b.deps) and deps and a.mem == "sbuf" and b.mem == "sbuf":
+            x, s, rev = (b, a, True) if not a.deps else (a, b, False)
+            self.emit(isa.Instr.make("tensor_scalar", "dve", dst,
+                                     (self.ap(x, P, list(deps), ext), self.ap(s, P, [], ext)),
+                                     op0=op, scalar0="ap", reverse0=rev))
+        else:
+            self.emit(isa.Instr.make("tensor_tensor", "dve", dst,
+                                     (self.ap(a, P, list(deps), ext), self.ap(b, P, list(deps), ext)),
+                                     op=op))
+        return out
+
+    # -- the tile --------------------------------------------------------------------------------
+    def reset_on(self, job: Job, env: Env):
+        """(acc, reset_on) for accumulating over the reduction loops inside the acc level."""
+        red = [u for u in job.loops[job.acc_level:] if job.kind[u] == "reduce"]
+        if not red:
+            return None, None
+        names = []
+        for u in red:
+            lv = env.lin[u]
+            if lv.terms:
+                names.append(lv.terms[0][0])
+            elif lv.const != 0:
+                return "acc", None  # never the first iteration: always accumulate
+        if not names:
+            return None, None       # the only iteration: overwrite
+        return "acc", tuple(names)
+
+    def emit_tile(self, job: Job, env: Env):
+        ext = self.tile_ext(job, env)
+        P = ext[job.part]
+        acc_mode, reset = self.reset_on(job, env)
+        if job.contract:
+            return self.emit_matmul(job, env, ext, acc_mode, reset)
+        if job.reduce is None:
+            v = self.eval(job, job.value, env, ext, job.free)
+            if "__acc__" in env.lin:
+                dst = self.ap(self.acc_val(job, env), P, job.free, ext)
+                self.copy_into(v, dst, job.free, ext, P, env)
+            else:
+                self.write_dest(job, v, env, ext)
+            return
+        dims = job.free + job.red_free
+        v = self.eval(job, job.value, env, ext, dims)
+        if isinstance(v, float):
+            v = self.const_tile(v, P, env)
+        acc = self.acc_val(job, env)
+        src = self.ap(v, P, dims, ext)
+        attrs = {"op": job.reduce}
+        if acc_mode:
+            attrs["acc"] = job.reduce
+            if reset is not None:
+                attrs["reset_on"] = reset
+        self.emit(isa.Instr.make("tensor_reduce", "dve", self.ap(acc, P, job.free, ext), (src,),
+                                 **attrs))
+
+    def emit_matmul(self, job: Job, env: Env, ext, acc_mode, reset):
+        st_ld, mv_ld = job.ops
+        K, M = ext[job.contract], ext[job.part]
+        stat = self.operand(job, st_ld, job.contract, [job.part], env, ext)
+        mov = self.operand(job, mv_ld, job.contract, job.free, env, ext)
+        stat, mov = self.mm_dtype(job, stat, K, [job.part], env, ext), \
+            self.mm_dtype(job, mov, K, job.free, env, ext)
+        acc = self.acc_val(job, env)
+        attrs = {}
+        if acc_mode:
+            attrs["acc"] = "add"
+            if reset is not None:
+                attrs["reset_on"] = reset
+        self.emit(isa.Instr.make("matmul", "pe", self.ap(acc, M, job.free, ext),
+                                 (self.ap(stat, K, [job.part], ext), self.ap(mov, K, job.free, ext)),
+                                 **attrs))
+
+    def mm_dtype(self, job, v: Val, K, dims, env, ext) -> Val:
+        want = job.mm_dtype
+        if v.dtype == want:
+            return v
+        out = self.tile(K, v.deps, ext, want, "mmcast", env)
+        self.emit(isa.Instr.make("tensor_copy", "dve", self.ap(out, K, list(v.deps), ext),
+                                 (self.ap(v, K, list(v.deps), ext),)))
+        return out
+
+
+def _sub_ap(ap: isa.AP, start: int, n: int) -> isa.AP:
+    (stride, _), rest = ap.dims[0], ap.dims[1:]
+    if ap.mem == "hbm":
+        return dataclasses.replace(ap, offset=ap.offset + start * stride, dims=((stride, n),) + rest)
+    return dataclasses.replace(ap, part=ap.part + start, dims=((stride, n),) + rest)
+
+
+# ----------------------------------------------------------------------------------------
+# building jobs from stages
+
+
+def atoms_of(ss: StageSched) -> tuple[list[str], dict[str, Split], dict[str, int]]:
+    """Loop order with fused loops expanded, split relations by child, root extents."""
+    fused = {r.fused: r for r in ss.relations if isinstance(r, Fuse)}
+
+    def expand(v):
+        if v in fused:
+            return expand(fused[v].outer) + expand(fused[v].inner)
+        return [v]
+    order = [a for v in ss.order for a in expand(v)]
+    split_of = {}
+    for r in ss.relations:
+        if isinstance(r, Split):
+            split_of[r.outer] = r
+            split_of[r.inner] = r
+    derived = set(split_of) | set(fused)
+    roots = {v.name: v.extent for v in ss.vars if v.name not in derived}
+    return order, split_of, roots
+
+
+def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
+             spatial_map: dict | None = None, part: str | None = None,
+             free: list | None = None) -> Job:
+    """A job for `st`. Root jobs use the stage's own atoms; a producer computed inside a
+    consumer (`spatial_map` given) has its spatial axes replaced by the consumer's index
+    expressions and keeps only its reduction loops (renamed through `ren`)."""
+    order, split_of, roots = atoms_of(ss)
+    kinds = {v.name: v.kind for v in ss.vars}
+    ren = ren or {}
+
+    def r(v):
+        return ren.get(v, v)
+
+    def strides_of(root):
+        """atom -> its stride in `root` (root = sum of stride * atom over its split tree)."""
+        out = {}
+
+        def rec(v, s):
+            sp = next((x for x in ss.relations if isinstance(x, Split) and x.parent == v), None)
+            if sp is not None:
+                rec(sp.outer, s * sp.factor)
+                rec(sp.inner, s)
+            else:
+                out[v] = s
+        rec(root, 1)
+        return out
+    m: dict[str, Affine] = dict(spatial_map or {})
+    for a in st.axes + st.reduce_axes:
+        if a.name in m:
+            continue
+        terms = {r(atom): s for atom, s in strides_of(a.name).items()}
+        m[a.name] = Affine.make(terms)
+    value = _subst(st.value, m)
+    init = _subst(st.init, m) if st.init is not None else None
+    if isinstance(init, Const) and st.reduce and init.value == REDUCE_IDENTITY[st.reduce]:
+        init = None
+    tile = set(ss.tile_vars())
+    if spatial_map is not None:
+        loops = [r(a) for a in order if kinds[a] == "reduce" and a not in tile]
+        job_part, job_free = part, list(free)
+    else:
+        loops = [r(a) for a in order if a not in tile]
+        job_part, job_free = r(ss.partition), [r(v) for v in ss.vectorized if kinds[v] == "spatial"]
+    red_free = [r(v) for v in ss.vectorized if kinds[v] == "reduce"]
+    kind = {r(v): k for v, k in kinds.items()}
+    first_red = next((i for i, u in enumerate(loops) if kind[u] == "reduce"), len(loops))
+    acc_level = first_red
+    acc_mem = "psum" if ss.tensorized else "sbuf"
+    if ss.cache_write:
+        acc_mem = ss.cache_write[0]
+        if ss.cache_write[1] is not None and spatial_map is None:
+            at = r(ss.cache_write[1])
+            if at not in loops:
+                raise TensorlangError(f"cache_write of {st.name!r}: {at!r} is a tile loop")
+            lvl = loops.index(at) + 1
+            if lvl > first_red:
+                raise TensorlangError(f"cache_write of {st.name!r} at {at!r}: inside the reduction "
+                                      f"loop {loops[first_red]!r}; the accumulator must cover it")
+            acc_level = lvl
+    if st.reduce is None and not (ss.cache_write and ss.cache_write[1]):
+        acc_level = len(loops)
+    t = lw.tensors[st.tensor]
+    job = Job(
+        stage=st.name, value=value, reduce=st.reduce, init=init, loops=loops, kind=kind,
+        split_of={r(k): Split(r(s.parent), r(s.outer), r(s.inner), s.factor, s.tail)
+                  for k, s in split_of.items()},
+        root_ext={r(k): v for k, v in roots.items() if spatial_map is None or kinds[k] == "reduce"},
+        part=job_part, free=job_free, red_free=red_free,
+        contract=r(ss.tensorized) if ss.tensorized else None,
+        acc_level=acc_level, acc_mem=acc_mem,
+        dest=HbmDest(st.tensor, st.index if spatial_map is not None else
+                     tuple(ix.substitute(m) for ix in st.index)),
+        out_dtype=t.dtype,
+        pipe={r(v): d for v, d in ss.pipelined if v in order},
+        unroll={r(v) for v in ss.unrolled},
+    )
+    if ss.tensorized:
+        a, b = matmul_operands(dataclasses.replace(st, value=value))
+        pa = any(ix.coef(job.part) for ix in a.index)
+        pb = any(ix.coef(job.part) for ix in b.index)
+        fa = any(ix.coef(f) for ix in a.index for f in job.free)
+        fb = any(ix.coef(f) for ix in b.index for f in job.free)
+        if (pa and fa) or (pb and fb):
+            raise TensorlangError(f"tensorize {st.name!r}: an operand depends on both the partition "
+                                  "loop and a vectorized loop; a matmul needs [K,M] x [K,N] operands",
+                                  st.loc)
+        job.ops = (a, b) if (pa or fb) and not (pb or fa) else (b, a)
+        dts = [lw.tensors[x.tensor].dtype for x in (a, b)]
+        job.mm_dtype = dts[0] if dts[0] == dts[1] else max(dts, key=lambda d: ITEMSIZE[d])
+    return job
+
+
+# ----------------------------------------------------------------------------------------
+# program assembly
+
+
+def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
+    spec = sim.machine(spec)
+    sched = complete(sched, spec)
+    prog = inline_stages(sched.prog, sched)
+    prog, pads = pad_tensors(prog)
+    lw = Lowerer(prog, sched, spec)
+    _check_attachments(prog, sched)
+    pad_by_src = {}
+    for t, v, name, shape, lo in pads:
+        pad_by_src.setdefault(t, []).append((v, name, shape, lo))
+    filled = set()
+    for st in prog.stages:
+        ss = sched.state.get(st.name)
+        if ss.attach:
+            continue
+        for ld in st.reads():
+            for t, v, name, shape, lo in pads:
+                if ld.tensor == name and name not in filled:
+                    fill_padded(lw, t, v, name, shape, lo)
+                    filled.add(name)
+        job = make_job(lw, st, ss, None)
+        add_hooks(lw, job, st, sched)
+        with lw.level():
+            lw.run_job(job, Env({}, {}))
+    tensors = []
+    for t in prog.inputs:
+        tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "input"))
+    for t in prog.outputs:
+        tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "output"))
+    attached = {sched.prog.stage(ss.stage).tensor for ss in sched.state.stages if ss.attach}
+    for t in prog.temps:
+        if t.name not in attached:
+            tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "scratch"))
+    out = isa.Program(prog.name, tuple(tensors), tuple(lw.body[0]), tuple(lw.buffers))
+    return out, prog
+
+
+def _check_attachments(prog: Program, sched: Schedule):
+    for ss in sched.state.stages:
+        if not ss.attach:
+            continue
+        st = prog.stage(ss.stage)
+        target = ss.attach[0]
+        if sched.state.get(target).attach:
+            raise TensorlangError(f"compute_at {ss.stage!r} at {target}.{ss.attach[1]}: {target!r} is "
+                                  "itself computed at another stage; attach to a root stage")
+        if prog.tensors[st.tensor].kind == "output":
+            raise TensorlangError(f"compute_at {ss.stage!r}: {st.tensor!r} is a kernel output; "
+                                  "outputs are computed by their own loop nest")
+        for c in prog.consumers(st.tensor):
+            cs = sched.state.get(c.name)
+            if c.name != target and not (cs.attach and cs.attach[0] == target):
+                raise TensorlangError(
+                    f"compute_at {ss.stage!r} at {target}.{ss.attach[1]}: stage {c.name!r} also reads "
+                    f"{st.tensor!r} but is not computed inside {target!r}")
+            for ld in c.reads():
+                if ld.tensor == st.tensor and ld.pad is not None:
+                    raise TensorlangError(f"compute_at {ss.stage!r}: {c.name!r} reads it with padding")
+
+
+def add_hooks(lw: Lowerer, job: Job, st: Stage, sched: Schedule):
+    """Hoisted work at a loop of a root job: cache_read fills and compute_at producers."""
+    ss = sched.state.get(st.name)
+    order, _, _ = atoms_of(ss)
+    fused = {r.fused: r for r in ss.relations if isinstance(r, Fuse)}
+
+    def atom(v):
+        while v in fused:
+            v = fused[v].inner
+        return v
+
+    for c in sched.state.cache_reads:
+        if c.stage == st.name:
+            at = atom(c.at)
+            job.hooks.setdefault(at, []).append(
+                lambda env, c=c, at=at: hoist(lw, job, c.tensor, at, env, producer=None))
+    for ps in sched.state.stages:
+        if ps.attach and ps.attach[0] == st.name:
+            at = atom(ps.attach[1])
+            p = sched.prog.stage(ps.stage)
+            job.hooks.setdefault(at, []).append(
+                lambda env, p=p, at=at: hoist(lw, job, p.tensor, at, env, producer=p))
+
+
+def _reads(job: Job, tensor: str) -> list[Load]:
+    from .ir import loads  # noqa: PLC0415
+    out = loads(job.value) + (loads(job.init) if job.init is not None else [])
+    seen = []
+    for ld in out:
+        if ld.tensor == tensor and ld not in seen:
+            seen.append(ld)
+    return seen
+
+
+def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
+    """At loop `at` of `job`: fill a buffer with every tile of `tensor` that the job's tiles
+    read inside `at` (one slot per iteration of the inner loops the read depends on), by DMA
+    (cache_read) or by evaluating the producer there (compute_at)."""
+    k = job.loops.index(at) + 1
+    inner = job.loops[k:]
+    for ld in _reads(job, tensor):
+        if job.contract:
+            a, b = job.ops
+            if ld == a:
+                part, dims = job.contract, [job.part]
+            elif ld == b:
+                part, dims = job.contract, list(job.free)
+            else:
+                part, dims = job.part, list(job.free)
+        else:
+            part, dims = job.part, list(job.free) + (job.red_free if ld in _loads_of(job.value) else [])
+        deps = tuple(f for f in dims if any(ix.coef(f) for ix in ld.index))
+        slots = [u for u in inner if any(ix.coef(u) for ix in ld.index)]
+        tailed = {job.split_of[a].outer for a in (part, *deps) if a in job.split_of
+                  and job.split_of[a].inner == a and job.split_of[a].tail}
+        slots += [u for u in inner if u in tailed and u not in slots]
+        slots = [u for u in inner if u in slots]
+        nom = {u: lw.nominal(job, u, env) for u in slots + [part, *deps]}
+        per = 1
+        for d in deps:
+            per *= nom[d]
+        dtype = lw.tensors[tensor].dtype
+        nslots = 1
+        for u in slots:
+            nslots *= nom[u]
+        base, bname = lw.alloc("sbuf", nslots * per * ITEMSIZE[dtype], f"{tensor}_cache", env)
+        slot_stride, s = {}, per
+        for u in reversed(slots):
+            slot_stride[u] = s
+            s *= nom[u]
+        strides, n = [], 1
+        for d in reversed(deps):
+            strides.append(n)
+            n *= nom[d]
+        strides = tuple(reversed(strides))
+
+        def slot_val(e, d=deps, base=base, bname=bname, slot_stride=slot_stride,
+                     strides=strides, dtype=dtype):
+            b = base
+            for u, st_ in slot_stride.items():
+                b = b + e.lin[u].scale(st_ * ITEMSIZE[dtype])
+            return Val("sbuf", b, tuple(d), strides, dtype, bname)
+        memo = lw.memo[-1]
+
+        def fill(e, i=0):
+            if i < len(slots):
+                lw.bind_loop(job, slots[i], e, lambda e2: fill(e2, i + 1))
+                return
+            ext = dict(e.ext)
+            for a_ in (part, *deps):
+                ext[a_] = lw.ext_of(job, a_, e)
+            into = slot_val(e)
+            memo[lw.operand_key(ld, part, deps, e, ext)] = slot_val
+            with lw.level():
+                if producer is None:
+                    lw.load(ld, part, deps, e, ext, ext[part], into=into)
+                else:
+                    lw.virtual(producer, ld, part, deps, e, ext, into=into)
+        fill(env)
+
+
+def _loads_of(e):
+    from .ir import loads  # noqa: PLC0415
+    return loads(e)
+
+
+def fill_padded(lw: Lowerer, src: str, value: float, name: str, shape, lo):
+    """Fill HBM tensor `name` with `value`, then copy `src` into its interior."""
+    spec = lw.spec
+    total = int(np.prod(shape))
+    dtype = lw.tensors[src].dtype
+    P = spec.partitions
+    cols = max(1, min(-(-total // P), DEFAULT_FREE_ELEMS))
+    env = Env({}, {})
+    with lw.level():
+        base, bname = lw.alloc("sbuf", cols * ITEMSIZE[dtype], f"{name}_fill", env)
+        tile = isa.AP("sbuf", bname, dtype, base.addr(), ((1, P), (1, cols)))
+        lw.emit(isa.Instr.make("memset", "dve", tile, value=float(value)))
+        chunk = P * cols
+        n_full = total // chunk
+
+        def put(off, rows, c):
+            lw.dma(isa.AP("hbm", name, dtype, isa.Addr(off), ((c, rows), (1, c))),
+                   dataclasses.replace(tile, dims=((1, rows), (1, c))))
+        if n_full:
+            def body():
+                lw.dma(isa.AP("hbm", name, dtype, isa.Addr(0, (("c", chunk, 0),)), ((cols, P), (1, cols))),
+                       tile)
+            if n_full == 1:
+                put(0, P, cols)
+            else:
+                lw.loop("c", n_full, body)
+        rem = total - n_full * chunk
+        off = n_full * chunk
+        if rem >= cols:
+            put(off, rem // cols, cols)
+            off += (rem // cols) * cols
+            rem -= (rem // cols) * cols
+        if rem:
+            put(off, 1, rem)
+    # interior copy, one DMA per leading index, [rows, cols] of the last two dims
+    src_shape = lw.tensors[src].shape
+    sstr = _strides(src_shape)
+    dstr = _strides(shape)
+    lead = src_shape[:-2] if len(src_shape) >= 2 else ()
+    for idx in np.ndindex(*lead) if lead else [()]:
+        so = sum(i * s for i, s in zip(idx, sstr))
+        do = sum((i + l) * s for i, l, s in zip(idx, lo, dstr))
+        do += sum(l * s for l, s in zip(lo[len(lead):], dstr[len(lead):]))
+        if len(src_shape) >= 2:
+            sd = ((sstr[-2], src_shape[-2]), (1, src_shape[-1]))
+            dd = ((dstr[-2], src_shape[-2]), (1, src_shape[-1]))
+        else:
+            sd = ((1, 1), (1, src_shape[-1]))
+            dd = ((1, 1), (1, src_shape[-1]))
+        lw.dma(isa.AP("hbm", name, dtype, isa.Addr(do), dd), isa.AP("hbm", src, dtype, isa.Addr(so), sd))
+
+
+def _strides(shape):
+    out, s = [], 1
+    for d in reversed(shape):
+        out.append(s)
+        s *= d
+    return list(reversed(out))
+
+
+# ----------------------------------------------------------------------------------------
+# the compiled kernel
+
+
+class CompiledKernel:
+    """A scheduled program lowered for one machine: asm(), run(), simulate()."""
+
+    def __init__(self, schedule: Schedule, machine):
+        self.spec = sim.machine(machine)
+        self.schedule = schedule
+        self.program, self.lowered_ir = lower(schedule, self.spec)
+        try:
+            sim.validate(self.program, self.spec)
+        except sim.SimError as e:
+            raise TensorlangError(f"lowering produced an invalid program: {e}") from None
+
+    def asm(self) -> str:
+        return sim.disassemble(self.program)
+
+    def run(self, *arrays):
+        prog = self.schedule.prog
+        if len(arrays) != len(prog.inputs):
+            raise TensorlangError(f"{prog.name}: expected {len(prog.inputs)} inputs "
+                                  f"({', '.join(t.name for t in prog.inputs)}), got {len(arrays)}")
+        ins = {}
+        for t, a in zip(prog.inputs, arrays):
+            a = np.asarray(a)
+            if tuple(a.shape) != tuple(t.shape):
+                raise TensorlangError(f"{prog.name}: input {t.name!r} has shape {tuple(a.shape)}, "
+                                      f"expected {tuple(t.shape)}")
+            ins[t.name] = a.astype(np_dtype(t.dtype), copy=False)
+        outs = sim.run(self.program, ins, self.spec)
+        res = tuple(outs[t.name] for t in prog.outputs)
+        return res[0] if len(res) == 1 else res
+
+    def simulate(self, trace: bool = False):
+        return sim.simulate(self.program, self.spec, trace=trace)
+
+
+def build(sched: Schedule, machine="trn2") -> CompiledKernel:
+    return CompiledKernel(sched, machine)
