@@ -54,8 +54,8 @@ the forgotten bins as full (only affects pathological programs).
 
 Dependencies (buffer def-use). Every operand's footprint is a set of granules:
   * SBUF / PSUM: byte ranges within a partition in granules of `dep_granule_bytes`. The
-    partition range is ignored (conservative: two accesses to the same bytes of different
-    partitions are treated as overlapping).
+    partition range only matters for write-after-write ordering (see WAW below); reads
+    are conservative (a read of the same bytes of other partitions counts as overlapping).
   * HBM: byte ranges of each tensor in granules of `hbm_granule_bytes`.
   The footprint of an access pattern is its bounding byte range, or - when its
   largest-stride dimension separates the rows by at least one granule (stride >= bounding
@@ -66,9 +66,15 @@ Dependencies (buffer def-use). Every operand's footprint is a set of granules:
   Per granule the simulator keeps the ready time of the last write, the stream of that
   write, and the latest end time of any read:
     RAW   a reader starts >= the last write's ready time
-    WAW   a writer starts >= the last write's ready time, unless that write was on the same
-          stream (in-order streams keep their own writes ordered, so accumulating matmuls
-          into one PSUM tile issue back to back)
+    WAW   a writer starts >= the ready time of every earlier write to the same partitions,
+          unless those writes were on the same stream (in-order streams keep their own
+          writes ordered, so accumulating matmuls into one PSUM tile issue back to back).
+          Partitions are tracked per granule as a mask of MASK_BITS partition blocks over
+          an *epoch*: writes with disjoint masks join the epoch (a tile loaded as several
+          DMAs over different partitions, one per queue, loads in parallel); a write that
+          overlaps the epoch's mask waits for all of it (unless every write of the epoch
+          was on its own stream) and starts a new epoch; a disjoint write still waits for
+          every write before the epoch.
     WAR   a writer starts >= the end of every earlier read
   Reads are released at the reader's end (end of its issue interval / transfer); writes
   become visible at the writer's ready time. Accumulating instructions (`acc`) count as
@@ -120,10 +126,12 @@ INSTR, LOOP_BEGIN, LOOP_END = 0, 1, 2
 I_STREAM, I_II, I_LAT, I_DMA, I_HBM, I_CAPF, I_PORTS, I_OP0, I_NR, I_NW = range(10)
 I_COLS = 10
 # per-operand table columns
-O_GOFF, O_NG, O_G, O_SH, O_BASE, O_T0, O_T1, O_R, O_PITCH, O_E, O_KIND = range(11)
+O_GOFF, O_NG, O_G, O_SH, O_BASE, O_T0, O_T1, O_R, O_PITCH, O_E, O_KIND, O_MASK = range(12)
 K_READ, K_WRITE_WAR, K_WRITE = 0, 1, 2      # operand kinds (a write needs WAR checks only if
                                             # some instruction reads its region)
-O_COLS = 11
+O_COLS = 12
+MASK_BITS = 32                  # partition blocks tracked per granule (bits of an int64 mask)
+FULL_MASK = (1 << MASK_BITS) - 1
 PORT_SBUF, PORT_PSUM = 1, 2
 
 
@@ -403,6 +411,19 @@ class Flat:
     counts: np.ndarray      # static id -> dynamic executions
 
 
+def partition_mask(ap: AP, spec: MachineSpec) -> int:
+    """The partition blocks an on-chip operand touches, as a bit mask (partitions grouped
+    into MASK_BITS blocks); HBM operands touch every block."""
+    if ap.mem == "hbm":
+        return FULL_MASK
+    stride, n = ap.dims[0]
+    lo = ap.part + min(0, stride * (n - 1))
+    hi = ap.part + max(0, stride * (n - 1))
+    blk = max(1, -(-spec.partitions // MASK_BITS))
+    lo, hi = max(lo, 0) // blk, min(max(hi, 0) // blk, MASK_BITS - 1)
+    return ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)
+
+
 def hbm_bin_ps(spec: MachineSpec) -> int:
     """spec.hbm_bin_ns in ps, rounded to a power of two (bin index = time >> shift)."""
     return 1 << max(0, round(math.log2(max(spec.hbm_bin_ns * 1000.0, 1.0))))
@@ -467,7 +488,7 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
             mask = mod - 1 if mod and mod & (mod - 1) == 0 else -1
             trows.append((lvl, coef * fp.scale, mod, mask))
         orows.append((goff, ng, gb, sh, ap.offset.base * fp.scale + fp.adj, t0, len(trows),
-                      rows, fp.pitch, fp.extent, kind))
+                      rows, fp.pitch, fp.extent, kind, partition_mask(ap, spec)))
         return rows
 
     def walk(nodes, scope: list, mult: int) -> None:
@@ -514,7 +535,7 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _segments(otab, o, a, kind, seg_lo, seg_hi, seg_k, ns):
+def _segments(otab, o, a, kind, seg_lo, seg_hi, seg_k, seg_m, ns):
     """Append the granule segments of operand o at byte address a (absolute granule
     indices, inclusive; adjacent rows merged) tagged with `kind`; return the new count."""
     goff = otab[o, O_GOFF]
@@ -548,6 +569,7 @@ def _segments(otab, o, a, kind, seg_lo, seg_hi, seg_k, ns):
                 seg_lo[ns] = goff + g0
                 seg_hi[ns] = goff + g1
                 seg_k[ns] = kind
+                seg_m[ns] = otab[o, O_MASK]
                 ns += 1
             prev = g1
     return ns
@@ -597,8 +619,8 @@ def _dma_end(start, q, h, cap_full, tag, used, bin_ps, bin_sh, mask):
 
 
 @njit(cache=True, error_model="numpy")
-def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, lr, tag,
-          used, rec_cap):
+def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, lr, lwm, lwo,
+          tag, used, rec_cap):
     """Run the model. lw/lws/lr (granule state) and tag/used (HBM-channel bins) are
     caller-owned scratch: zero (tag: -1) on entry, and left so on return."""
     # lw: last write's ready time; lws: last write's stream + 1 (0: none); lr: latest read end
@@ -614,6 +636,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
     seg_lo = np.zeros(max_segs, np.int64)
     seg_hi = np.zeros(max_segs, np.int64)
     seg_k = np.zeros(max_segs, np.int64)
+    seg_m = np.zeros(max_segs, np.int64)
     rec_s = np.zeros(rec_cap, np.int64)
     rec_e = np.zeros(rec_cap, np.int64)
     rec_i = np.zeros(rec_cap, np.int64)
@@ -652,7 +675,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
                             else:
                                 x = x % terms[k, 2]
                         a += terms[k, 1] * x
-                    ns = _segments(otab, o, a, otab[o, O_KIND], seg_lo, seg_hi, seg_k, ns)
+                    ns = _segments(otab, o, a, otab[o, O_KIND], seg_lo, seg_hi, seg_k, seg_m, ns)
             # RAW for reads; WAW (unless the same stream wrote last) and WAR for writes
             for k in range(ns):
                 lo = seg_lo[k]
@@ -665,9 +688,13 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
                     if kk == K_WRITE_WAR:
                         for g in range(lo, hi):
                             t = max(t, lr[g])
+                    m = seg_m[k]
                     for g in range(lo, hi):
-                        if lws[g] != s1:
-                            t = max(t, lw[g])
+                        if lwm[g] & m:
+                            if lws[g] != s1:
+                                t = max(t, lw[g])
+                        else:
+                            t = max(t, lwo[g])
             start = t
             if itab[i, I_DMA]:
                 h = itab[i, I_HBM]
@@ -694,9 +721,19 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
                     for g in range(lo, hi):
                         lr[g] = max(lr[g], end)
                 else:
+                    m = seg_m[k]
                     for g in range(lo, hi):
+                        if lwm[g] & m:              # overlaps this epoch's writes: a new epoch
+                            lwo[g] = lw[g]
+                            lwm[g] = m
+                            lws[g] = s1
+                        else:                       # disjoint partitions: joins the epoch
+                            if lwm[g] == 0:
+                                lws[g] = s1
+                            elif lws[g] != s1:
+                                lws[g] = -1
+                            lwm[g] |= m
                         lw[g] = max(lw[g], ready)
-                        lws[g] = s1
                 if lo < gmin:
                     gmin = lo
                 if hi > gmax:
@@ -728,6 +765,8 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
         lw[g] = 0
         lws[g] = 0
         lr[g] = 0
+        lwm[g] = 0
+        lwo[g] = 0
     tag[:] = -1
     used[:] = 0
     return total, busy, hbm_busy, ndyn, rec_s[:nrec], rec_e[:nrec], rec_i[:nrec]
@@ -737,9 +776,9 @@ def run_core(flat: Flat, spec: MachineSpec, rec_cap: int = 0):
     """Run the Numba core on a flattened program: (total_ps, busy[stream], hbm_busy_ps,
     dynamic count, start_ps[], end_ps[], static_id[]) (records only up to rec_cap)."""
     bin_ps = hbm_bin_ps(spec)
-    lw, lws, lr, tag, used = _scratch(flat.n_gran, HBM_RING_BINS)
+    lw, lws, lr, lwm, lwo, tag, used = _scratch(flat.n_gran, HBM_RING_BINS)
     return _core(flat.code, flat.itab, flat.otab, flat.terms, len(ENGINES) + spec.dma_queues,
-                 flat.depth, flat.max_segs, bin_ps, lw, lws, lr, tag, used, rec_cap)
+                 flat.depth, flat.max_segs, bin_ps, lw, lws, lr, lwm, lwo, tag, used, rec_cap)
 
 
 _pool = threading.local()
@@ -751,10 +790,10 @@ def _scratch(n_gran: int, n_bins: int):
     if n_bins & (n_bins - 1):
         raise SimError(f"HBM_RING_BINS={n_bins} must be a power of two")
     st = getattr(_pool, "state", None)
-    if st is None or st[0].shape[0] < n_gran or st[3].shape[0] != n_bins:
+    if st is None or st[0].shape[0] < n_gran or st[5].shape[0] != n_bins:
         size = max(n_gran, 4096)
-        st = (np.zeros(size, np.int64), np.zeros(size, np.int64), np.zeros(size, np.int64),
-              np.full(n_bins, -1, np.int64), np.zeros(n_bins, np.int64))
+        st = tuple(np.zeros(size, np.int64) for _ in range(5)) + (
+            np.full(n_bins, -1, np.int64), np.zeros(n_bins, np.int64))
         _pool.state = st
     return st
 

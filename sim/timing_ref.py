@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from .isa import Loop, Program
 from .machine import MachineSpec, machine
 from . import timing
-from .timing import PORT_PSUM, PORT_SBUF, footprint, hbm_bin_ps, instr_cost, regions
+from .timing import (PORT_PSUM, PORT_SBUF, footprint, hbm_bin_ps, instr_cost, partition_mask,
+                     regions)
 
 
 @dataclass
@@ -35,6 +36,8 @@ class _Model:
         self.last_write: dict = {}          # (region, granule) -> ready ps
         self.last_writer: dict = {}         # (region, granule) -> stream
         self.last_read: dict = {}           # (region, granule) -> end ps
+        self.epoch_mask: dict = {}          # (region, granule) -> partition blocks written this epoch
+        self.before_epoch: dict = {}        # (region, granule) -> latest ready before the epoch
         self.bin_ps = hbm_bin_ps(spec)
         self.n_bins = timing.HBM_RING_BINS
         self.bin_tag = [-1] * self.n_bins
@@ -101,14 +104,18 @@ class _Model:
                 t = max(t, self.port_free[bit])
         read_gs = [self.granules(ap, env) for ap in c.reads]
         write_gs = [self.granules(ap, env) for ap in c.writes]
+        write_ms = [partition_mask(ap, self.spec) for ap in c.writes]
         for gs in read_gs:                               # RAW
             for g in gs:
                 t = max(t, self.last_write.get(g, 0))
-        for gs in write_gs:                              # WAR, WAW
+        for gs, m in zip(write_gs, write_ms):            # WAR, WAW
             for g in gs:
                 t = max(t, self.last_read.get(g, 0))
-                if self.last_writer.get(g, -1) != s:
-                    t = max(t, self.last_write.get(g, 0))
+                if self.epoch_mask.get(g, 0) & m:
+                    if self.last_writer.get(g) != s:
+                        t = max(t, self.last_write.get(g, 0))
+                else:
+                    t = max(t, self.before_epoch.get(g, 0))
         start = t
         if c.is_dma:
             end = self.dma_end(start, c.ii_ps, c.hbm_ps)
@@ -124,10 +131,20 @@ class _Model:
         for gs in read_gs:
             for g in gs:
                 self.last_read[g] = max(self.last_read.get(g, 0), end)
-        for gs in write_gs:
+        for gs, m in zip(write_gs, write_ms):
             for g in gs:
+                em = self.epoch_mask.get(g, 0)
+                if em & m:                      # overlapping: a new epoch
+                    self.before_epoch[g] = self.last_write.get(g, 0)
+                    self.epoch_mask[g] = m
+                    self.last_writer[g] = s
+                else:                           # disjoint partitions: join the epoch
+                    if em == 0:
+                        self.last_writer[g] = s
+                    elif self.last_writer.get(g) != s:
+                        self.last_writer[g] = "mixed"
+                    self.epoch_mask[g] = em | m
                 self.last_write[g] = max(self.last_write.get(g, 0), ready)
-                self.last_writer[g] = s
         self.res.total_ps = max(self.res.total_ps, ready)
         self.res.records.append((sid, start, end))
 
