@@ -48,9 +48,11 @@ def _like(x, y):
 
 
 def gelu(x):
-    """Exact (erf-based) gelu: 0.5 * x * (1 + erf(x / sqrt(2)))."""
+    """gelu, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) -- the
+    definition of the DSL's tl.gelu (docs/dsl.md), so the machine and the reference agree."""
     x64 = np.asarray(x, dtype=np.float64)
-    return _like(x, 0.5 * x64 * (1.0 + erf(x64 * (1.0 / np.sqrt(2.0)))))
+    c = np.sqrt(2.0 / np.pi)
+    return _like(x, 0.5 * x64 * (1.0 + np.tanh(c * (x64 + 0.044715 * x64 * x64 * x64))))
 
 
 def sigmoid(x):

@@ -521,9 +521,14 @@ class Lowerer:
         self.bind_loop(job, u, env, inside)
 
     # -- accumulator and store ---------------------------------------------------------------
-    def tile_ext(self, job: Job, env: Env) -> dict:
+    def tile_ext(self, job: Job, env: Env, spatial_only: bool = False) -> dict:
+        """Extents of the tile atoms here (spatial_only: outside the reduction loops, where
+        the extent of a tailed reduction tile atom is not defined)."""
         ext = dict(env.ext)
-        for a in [job.part] + job.free + job.red_free + ([job.contract] if job.contract else []):
+        atoms = [job.part] + job.free
+        if not spatial_only:
+            atoms += job.red_free + ([job.contract] if job.contract else [])
+        for a in atoms:
             ext[a] = self.ext_of(job, a, env)
         return ext
 
@@ -625,7 +630,7 @@ class Lowerer:
         rec(0, env)
 
     def store_tile(self, job: Job, env: Env):
-        ext = self.tile_ext(job, env)
+        ext = self.tile_ext(job, env, spatial_only=True)
         P = ext[job.part]
         acc = self.acc_val(job, env)
         if job.reduce is not None and job.init is not None:
@@ -730,25 +735,36 @@ class Lowerer:
         v = into or self.tile(P, deps, ext, t.dtype, f"{ld.tensor}_t", env)
         dst = self.ap(v, P, list(deps), ext)
         src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
-        cp = fl.coef(part)
-        if (len(deps) == 1 and abs(cp) == 1 and abs(fl.coef(deps[0])) > 1 and P > 1
-                and ext[deps[0]] <= self.spec.partitions and P * 4 <= self.spec.psum_bank_bytes):
+        if self.transposing(fl, part, deps, ext):
             # partitions would walk contiguous memory: load rows, transpose on the tensor engine
             f = deps[0]
             F = ext[f]
             with self.level():
-                env2 = Env(dict(env.lin), dict(env.ext), (), {})
-                nat = self.tile(F, (part,), ext, t.dtype, f"{ld.tensor}_rows", env2)
+                nat = self.tile(F, (part,), ext, t.dtype, f"{ld.tensor}_rows", env)
                 self.dma(self.ap(nat, F, [part], ext),
                          isa.AP("hbm", ld.tensor, t.dtype, src.offset, ((src.dims[1][0], F),
                                                                          (src.dims[0][0], P))))
-                ps = self.tile(P, (f,), ext, "float32", f"{ld.tensor}_T", env2, mem="psum")
-                self.emit(isa.Instr.make("transpose", "pe", self.ap(ps, P, [f], ext),
-                                         (self.ap(nat, F, [part], ext),)))
-                self.emit(isa.Instr.make("tensor_copy", "act", dst, (self.ap(ps, P, [f], ext),)))
+                self.transpose_into(nat, v, part, f, ext, env)
             return v
         self.dma(dst, src)
         return v
+
+    def transposing(self, fl: Affine, part: str, deps, ext) -> bool:
+        """Would a load with this flat index walk contiguous memory along the partitions?
+        Then it is loaded as rows [deps[0] x part] and transposed on the tensor engine."""
+        return (len(deps) == 1 and abs(fl.coef(part)) == 1 and abs(fl.coef(deps[0])) > 1
+                and ext[part] > 1 and ext[deps[0]] <= self.spec.partitions
+                and ext[part] * 4 <= self.spec.psum_bank_bytes)
+
+    def transpose_into(self, nat: Val, v: Val, part: str, f: str, ext, env: Env):
+        """v[part, f] = nat[f, part]: a tensor-engine transpose into PSUM, copied out by act."""
+        P, F = ext[part], ext[f]
+        with self.level():
+            ps = self.tile(P, (f,), ext, "float32", f"{nat.name}_T", env, mem="psum")
+            self.emit(isa.Instr.make("transpose", "pe", self.ap(ps, P, [f], ext),
+                                     (self.ap(nat, F, [part], ext),)))
+            self.emit(isa.Instr.make("tensor_copy", "act", self.ap(v, P, [f], ext),
+                                     (self.ap(ps, P, [f], ext),)))
 
     def virtual(self, producer: Stage, ld: Load, part: str, deps, env: Env, ext,
                 into: tuple | None = None) -> Val:
@@ -1206,6 +1222,9 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                 b = b + e.lin[u].scale(st_ * ITEMSIZE[dtype])
             return Val("sbuf", b, tuple(d), strides, dtype, bname)
         memo = lw.memo[-1]
+        if producer is None and _staged_fill(lw, job, ld, part, deps, slots, nom, slot_val, memo,
+                                             env):
+            continue
 
         def fill(e, i=0):
             if i < len(slots):
@@ -1222,6 +1241,69 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                 else:
                     lw.virtual(producer, ld, part, deps, e, ext, into=into)
         fill(env)
+
+
+def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot_val, memo,
+                 env: Env) -> bool:
+    """A cache_read of a transposed operand (see Lowerer.transposing) filled with few large
+    DMAs: for each iteration of the slot loops that move across rows, the rows of every slot
+    along the contiguous direction are loaded at once into a staging tile [F x span], then
+    each slot is transposed out of it. Returns False (nothing emitted) when the fill does not
+    have that shape; the caller then fills slot by slot."""
+    fl = lw.flat(ld.tensor, ld.index)
+    if len(deps) != 1 or fl.coef(part) != 1 or not lw.transposing(fl, part, deps, nom):
+        return False
+    f = deps[0]
+    for u in (part, f, *slots):
+        sp = job.split_of.get(u)
+        if sp is not None and sp.tail:
+            return False
+    row, span = [], nom[part]
+    for u in sorted(slots, key=lambda u: abs(fl.coef(u))):
+        if fl.coef(u) == span:
+            row.append(u)
+            span *= nom[u]
+    dtype = lw.tensors[ld.tensor].dtype
+    if not row or span * ITEMSIZE[dtype] > lw.spec.sbuf_partition_bytes // 8:
+        return False
+    row = [u for u in slots if u in row]          # keep the schedule's loop order
+    outer = [u for u in slots if u not in row]
+    coef = {u: fl.coef(u) for u in row}
+
+    def stage(e, i=0):
+        if i < len(outer):
+            lw.bind_loop(job, outer[i], e, lambda e2: stage(e2, i + 1))
+            return
+        ext = dict(e.ext)
+        for a in (part, f):
+            ext[a] = lw.ext_of(job, a, e)
+        F = ext[f]
+        with lw.level():
+            base, bname = lw.alloc("sbuf", span * ITEMSIZE[dtype], f"{ld.tensor}_rows", e)
+            skip = {f, part, *row}
+            off = lw.split_affine(Affine(tuple((v, c) for v, c in fl.terms if v not in skip),
+                                         fl.const), e)
+            lw.dma(isa.AP("sbuf", bname, dtype, base.addr(), ((1, F), (1, span))),
+                   isa.AP("hbm", ld.tensor, dtype, off.addr(), ((fl.coef(f), F), (1, span))))
+
+            def each(e2, j=0):
+                if j < len(row):
+                    lw.bind_loop(job, row[j], e2, lambda e3: each(e3, j + 1))
+                    return
+                b = base
+                for u in row:
+                    b = b + e2.lin[u].scale(coef[u] * ITEMSIZE[dtype])
+                nat = Val("sbuf", b, (part,), (1,), dtype, bname)
+                ext2 = dict(ext)
+                into = slot_val(e2)
+                memo[lw.operand_key(ld, part, deps, e2, ext2)] = slot_val
+                env_t = Env(dict(e2.lin), dict(e2.ext), e2.loops, dict(e2.pipe))
+                if e2.loops:
+                    env_t.pipe[e2.loops[-1]] = 2          # double-buffer the PSUM transpose tile
+                lw.transpose_into(nat, into, part, f, ext2, env_t)
+            each(e)
+    stage(env)
+    return True
 
 
 def _loads_of(e):

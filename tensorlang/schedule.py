@@ -227,7 +227,7 @@ class Schedule:
         return "\n".join(lines)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _record(self, op: str, stage: str | None, args: list, loops=(), **kwargs):
+    def _record(self, op: str, stage: str | None, args: list, loops=(), kwargs=None):
         step = {"op": op, "args": [str(a) if isinstance(a, LoopVar) else a for a in args]}
         if stage is not None:
             step["stage"] = stage
@@ -302,10 +302,15 @@ class Schedule:
         return LoopVar(outer, ss.stage), LoopVar(inner, ss.stage)
 
     def tile(self, a, b, fa: int, fb: int, stage=None):
-        """split a and b and order the result (ao, bo, ai, bi)."""
-        ao, ai = self.split(a, fa, stage)
-        bo, bi = self.split(b, fb, stage)
-        self.reorder(ao, bo, ai, bi)
+        """split a and b and order the result (ao, bo, ai, bi); all or nothing."""
+        state, trace = self.state, list(self._trace)
+        try:
+            ao, ai = self.split(a, fa, stage)
+            bo, bi = self.split(b, fb, stage)
+            self.reorder(ao, bo, ai, bi)
+        except TensorlangError:
+            self.state, self._trace = state, trace
+            raise
         return ao, bo, ai, bi
 
     def reorder(self, *loops, stage=None):
