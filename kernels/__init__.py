@@ -1,0 +1,16 @@
+"""kernels: the kernel library — algorithms, expert schedule templates, shipped tuned records.
+
+    from kernels import matmul, softmax, layernorm, attention
+    C = matmul(A, B)                              # best known schedule, functional simulator
+    k = matmul.compile(A, B, machine="trn1")      # the compiled kernel: asm(), run(), simulate()
+
+Each operator family is one module (matmul, conv, norm, attention, elementwise) holding the
+algorithm (@tl.kernel), its expert schedule templates and a `KernelFn` per operator; the
+runner (`_library`) picks the schedule: tuned record -> nearest record -> template -> default.
+"""
+from ._library import KernelFn
+from .matmul import bmm, linear, matmul, matmul_add
+
+LIBRARY = {k.name: k for k in (matmul, bmm, linear, matmul_add)}
+
+__all__ = ["KernelFn", "LIBRARY", *LIBRARY]
