@@ -194,9 +194,10 @@ class Instr:
         return default
 
     @staticmethod
-    def make(op: str, engine: str, dst: AP, srcs=(), dst2: AP | None = None, /,
+    def make(op: str, engine: str, dst: AP, srcs=(), /, dst2: AP | None = None,
              **attrs) -> "Instr":
-        """Instr.make("tensor_tensor", "dve", dst, (a, b), op="add"): attrs by keyword."""
+        """Instr.make("tensor_tensor", "dve", dst, (a, b), op="add"): attrs by keyword
+        (`dst2=` sets the activation reduce output, it is not an attribute)."""
         clean = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                              for k, v in attrs.items() if v is not None))
         return Instr(op, engine, dst, tuple(srcs), clean, dst2)
