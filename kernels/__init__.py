@@ -10,7 +10,9 @@ runner (`_library`) picks the schedule: tuned record -> nearest record -> templa
 """
 from ._library import KernelFn
 from .matmul import bmm, linear, matmul, matmul_add
+from .norm import layernorm, log_softmax, rmsnorm, rmsnorm_matmul, softmax
 
-LIBRARY = {k.name: k for k in (matmul, bmm, linear, matmul_add)}
+LIBRARY = {k.name: k for k in (matmul, bmm, linear, matmul_add, softmax, log_softmax, layernorm,
+                               rmsnorm, rmsnorm_matmul)}
 
 __all__ = ["KernelFn", "LIBRARY", *LIBRARY]
