@@ -38,6 +38,7 @@ from .ir import (ITEMSIZE, REDUCE_IDENTITY, Affine, Binary, Cast, Compare, Const
 from .schedule import Fuse, Schedule, Split, StageSched, matmul_operands
 
 DEFAULT_FREE_ELEMS = 2048  # compiler choice: default vectorization width when a schedule is silent
+TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fill rotates over
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 
 # ----------------------------------------------------------------------------------------
@@ -170,30 +171,46 @@ def _free_size(ss: StageSched) -> int:
     return n
 
 
+def _try(s: Schedule, steps) -> bool:
+    """Apply completion steps all or nothing; False when the schedule refuses one."""
+    state, trace = s.state, list(s._trace)
+    try:
+        steps()
+        return True
+    except TensorlangError:
+        s.state, s._trace = state, trace
+        return False
+
+
 def _complete_root(s: Schedule, stage: str, spec):
     ss = s.state.get(stage)
     tile = set(ss.tile_vars())
     spatial = [v for v in ss.order if ss.var(v).kind == "spatial" and v not in tile]
     if ss.partition is None:
-        cands = [v for v in spatial if ss.var(v).extent > 1] or spatial
-        if cands:
-            v = cands[0]
+        # the outermost spatial loop the schedule lets us use (split to the partitions)
+        cands = [v for v in spatial if ss.var(v).extent > 1] + \
+            [v for v in spatial if ss.var(v).extent == 1]
+
+        def part(v):
             if ss.var(v).extent > spec.partitions:
                 _, v = s.split(v, spec.partitions, stage=stage)
             s.partition(v, stage=stage)
-        else:  # a scalar result: give it a one-iteration partition loop
-            raise TensorlangError(f"stage {stage!r} has no spatial loop to map to partitions")
+        if not any(_try(s, lambda v=v: part(v)) for v in cands):
+            names = ", ".join(spatial) or "none"
+            raise TensorlangError(f"stage {stage!r}: no spatial loop can map to the partitions "
+                                  f"(spatial loops: {names}); partition one explicitly")
     ss = s.state.get(stage)
     limit = spec.matmul_max_n if ss.tensorized else DEFAULT_FREE_ELEMS
     if not any(ss.var(v).kind == "spatial" for v in ss.vectorized):
         rest = [v for v in ss.order if ss.var(v).kind == "spatial" and v not in ss.tile_vars()]
-        if rest:
-            v = rest[-1]
+
+        def vec(v):
             if ss.var(v).extent * _free_size(ss) > limit:
                 f = max(1, limit // _free_size(ss))
                 if f < ss.var(v).extent:
                     _, v = s.split(v, f, stage=stage)
             s.vectorize(v, stage=stage)
+        any(_try(s, lambda v=v: vec(v)) for v in reversed(rest))  # none fits: a 1-wide tile
     ss = s.state.get(stage)
     if not ss.tensorized and not any(ss.var(v).kind == "reduce" for v in ss.vectorized):
         _vectorize_reduce(s, stage)
@@ -205,13 +222,15 @@ def _vectorize_reduce(s: Schedule, stage: str):
     red = [v for v in ss.order if ss.var(v).kind == "reduce" and v not in ss.tile_vars()]
     if not red:
         return
-    v = red[-1]
     room = max(1, DEFAULT_FREE_ELEMS // _free_size(ss))
     if room == 1:
         return
-    if ss.var(v).extent > room:
-        _, v = s.split(v, room, stage=stage)
-    s.vectorize(v, stage=stage)
+
+    def vec(v):
+        if ss.var(v).extent > room:
+            _, v = s.split(v, room, stage=stage)
+        s.vectorize(v, stage=stage)
+    any(_try(s, lambda v=v: vec(v)) for v in reversed(red))
 
 
 def _complete_attached(s: Schedule, stage: str, spec):
@@ -1019,14 +1038,18 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
     init = _subst(st.init, m) if st.init is not None else None
     if isinstance(init, Const) and st.reduce and init.value == REDUCE_IDENTITY[st.reduce]:
         init = None
-    tile = set(ss.tile_vars())
+    def atoms(v):  # a fused loop is its component loops (outer first)
+        f = next((x for x in ss.relations if isinstance(x, Fuse) and x.fused == v), None)
+        return atoms(f.outer) + atoms(f.inner) if f is not None else [v]
+    tile = {a for v in ss.tile_vars() for a in atoms(v)}
+    vec = [a for v in ss.vectorized for a in atoms(v)]
     if spatial_map is not None:
         loops = [r(a) for a in order if kinds[a] == "reduce" and a not in tile]
         job_part, job_free = part, list(free)
     else:
         loops = [r(a) for a in order if a not in tile]
-        job_part, job_free = r(ss.partition), [r(v) for v in ss.vectorized if kinds[v] == "spatial"]
-    red_free = [r(v) for v in ss.vectorized if kinds[v] == "reduce"]
+        job_part, job_free = r(ss.partition), [r(v) for v in vec if kinds[v] == "spatial"]
+    red_free = [r(v) for v in vec if kinds[v] == "reduce"]
     kind = {r(v): k for v, k in kinds.items()}
     first_red = next((i for i, u in enumerate(loops) if kind[u] == "reduce"), len(loops))
     acc_level = first_red
@@ -1034,7 +1057,7 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
     if ss.cache_write:
         acc_mem = ss.cache_write[0]
         if ss.cache_write[1] is not None and spatial_map is None:
-            at = r(ss.cache_write[1])
+            at = r(atoms(ss.cache_write[1])[-1])
             if at not in loops:
                 raise TensorlangError(f"cache_write of {st.name!r}: {at!r} is a tile loop")
             lvl = loops.index(at) + 1
@@ -1056,8 +1079,8 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
         dest=HbmDest(st.tensor, st.index if spatial_map is not None else
                      tuple(ix.substitute(m) for ix in st.index)),
         out_dtype=t.dtype,
-        pipe={r(v): d for v, d in ss.pipelined if v in order},
-        unroll={r(v) for v in ss.unrolled},
+        pipe={r(atoms(v)[-1]): d for v, d in ss.pipelined},   # a fused loop rotates per inner step
+        unroll={r(a) for v in ss.unrolled for a in atoms(v)},
     )
     if ss.tensorized:
         a, b = matmul_operands(dataclasses.replace(st, value=value))
@@ -1279,7 +1302,10 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
             ext[a] = lw.ext_of(job, a, e)
         F = ext[f]
         with lw.level():
-            base, bname = lw.alloc("sbuf", span * ITEMSIZE[dtype], f"{ld.tensor}_rows", e)
+            es = Env(dict(e.lin), dict(e.ext), e.loops, dict(e.pipe))
+            if outer and e.loops and e.loops[-1] == outer[-1]:
+                es.pipe[outer[-1]] = 2            # double-buffer the staging rows
+            base, bname = lw.alloc("sbuf", span * ITEMSIZE[dtype], f"{ld.tensor}_rows", es)
             skip = {f, part, *row}
             off = lw.split_affine(Affine(tuple((v, c) for v, c in fl.terms if v not in skip),
                                          fl.const), e)
@@ -1298,8 +1324,11 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 into = slot_val(e2)
                 memo[lw.operand_key(ld, part, deps, e2, ext2)] = slot_val
                 env_t = Env(dict(e2.lin), dict(e2.ext), e2.loops, dict(e2.pipe))
-                if e2.loops:
-                    env_t.pipe[e2.loops[-1]] = 2          # double-buffer the PSUM transpose tile
+                if e2.loops:                  # rotate the PSUM transpose tile over free banks
+                    free = (lw.spec.psum_partition_bytes - lw.psum_top) // lw.spec.psum_bank_bytes
+                    n = min(TRANSPOSE_PSUM_SLOTS, free, lw.nominal(job, e2.loops[-1], e2))
+                    if n > 1:
+                        env_t.pipe[e2.loops[-1]] = n
                 lw.transpose_into(nat, into, part, f, ext2, env_t)
             each(e)
     stage(env)
