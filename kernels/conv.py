@@ -1,0 +1,150 @@
+"""Convolutions, NCHW input, zero padding.
+
+    conv2d(X, Wt, stride=1, padding=0, dilation=1)     X [N,C,H,W], Wt [O,C,KH,KW] -> [N,O,OH,OW]
+    depthwise_conv2d(X, Wt, stride=1, padding=0, dilation=1)      Wt [C,KH,KW] -> [N,C,OH,OW]
+
+conv2d is an implicit GEMM: for each filter tap (kh, kw) the output tile [O, OH x OW]
+accumulates Wt[:, :, kh, kw]^T @ X-window, contracting over the input channels on the
+systolic array (C on the partitions), so no im2col matrix is ever materialised. The padded
+input is one explicit stage (`Xp`, a copy with a zero border), because a tensorized read
+cannot be a padded read (report, gap 2). Depthwise convolution has no contraction over
+channels: the channels go on the partitions and the taps accumulate on the vector engine.
+"""
+from __future__ import annotations
+
+import tensorlang as tl
+
+from ._library import KernelFn, fit
+from .matmul import ext
+
+
+def _out_size(what, n, k, stride, padding, dilation):
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise tl.TensorlangError(f"{what}: {name}={v!r} must be an int >= {lo}")
+    out = (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    if out < 1:
+        raise tl.TensorlangError(f"{what}: a {k}-tap filter (dilation {dilation}) does not fit an "
+                                 f"input of {n} with padding {padding}")
+    return out
+
+
+@tl.kernel
+def conv2d_algo(X, Wt, stride=1, padding=0, dilation=1, out_dtype="float32"):
+    if len(X.shape) != 4 or len(Wt.shape) != 4 or X.shape[1] != Wt.shape[1]:
+        raise tl.TensorlangError(f"conv2d: X {X.shape} and Wt {Wt.shape} do not fit; expected "
+                                 "X [N,C,H,W] and Wt [O,C,KH,KW]")
+    N, C, H, W = X.shape
+    O, _, KH, KW = Wt.shape
+    OH = _out_size("conv2d", H, KH, stride, padding, dilation)
+    OW = _out_size("conv2d", W, KW, stride, padding, dilation)
+    Y = tl.tensor((N, O, OH, OW), out_dtype, name="Y")
+    if padding:
+        Xp = tl.tensor((N, C, H + 2 * padding, W + 2 * padding), X.dtype, name="Xp")
+        Xz = X.pad(0.0)
+        for n, c, h, w in tl.grid(N, C, H + 2 * padding, W + 2 * padding):
+            Xp[n, c, h, w] = Xz[n, c, h - padding, w - padding]
+    else:
+        Xp = X
+    for n, o, h, w in tl.grid(N, O, OH, OW):
+        Y[n, o, h, w] = 0.0
+        for kh, kw, c in tl.reduce(KH, KW, C):
+            Y[n, o, h, w] += Wt[o, c, kh, kw] * Xp[n, c, h * stride + kh * dilation,
+                                                   w * stride + kw * dilation]
+    return Y
+
+
+conv2d_algo.name = "conv2d"
+
+
+@tl.kernel
+def depthwise_algo(X, Wt, stride=1, padding=0, dilation=1, out_dtype="float32"):
+    if len(X.shape) != 4 or len(Wt.shape) != 3 or X.shape[1] != Wt.shape[0]:
+        raise tl.TensorlangError(f"depthwise_conv2d: X {X.shape} and Wt {Wt.shape} do not fit; "
+                                 "expected X [N,C,H,W] and Wt [C,KH,KW]")
+    N, C, H, W = X.shape
+    _, KH, KW = Wt.shape
+    OH = _out_size("depthwise_conv2d", H, KH, stride, padding, dilation)
+    OW = _out_size("depthwise_conv2d", W, KW, stride, padding, dilation)
+    Xz = X.pad(0.0)
+    Y = tl.tensor((N, C, OH, OW), out_dtype, name="Y")
+    for n, c, h, w in tl.grid(N, C, OH, OW):
+        Y[n, c, h, w] = 0.0
+        for kh, kw in tl.reduce(KH, KW):
+            Y[n, c, h, w] += Xz[n, c, h * stride + kh * dilation - padding,
+                                w * stride + kw * dilation - padding] * Wt[c, kh, kw]
+    return Y
+
+
+depthwise_algo.name = "depthwise_conv2d"
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 2}
+
+
+def _spatial_free(s, stage, h, w, limit):
+    """Vectorize w, and h too when whole rows fit the free size; returns the outer h loop."""
+    if ext(s, w) > limit:
+        wo, wi = s.split(w, limit)
+        return [h, wo], [wi]
+    rows = max(1, limit // ext(s, w))
+    if rows >= ext(s, h):
+        return [], [h, w]
+    ho, hi = s.split(h, rows)
+    return [ho], [hi, w]
+
+
+def template(s, cfg):
+    """Implicit GEMM: output channels on the partitions, output pixels as the moving free
+    dimension (<= one PSUM bank), input channels contracted on the systolic array, the taps
+    as accumulation loops; the channel-step loop multi-buffered."""
+    n, o, h, w = s.axes("Y")
+    kh, kw, c = s.reduce_axes("Y")
+    oo, oi = s.split(o, fit(ext(s, o), cfg["ot"]))
+    co, ci = s.split(c, fit(ext(s, c), cfg["ct"]))
+    outer, free = _spatial_free(s, "Y", h, w, cfg["free"])
+    s.reorder(n, oo, *outer, co, kh, kw, oi, *free, ci)
+    s.partition(oi)
+    for f in free:
+        s.vectorize(f)
+    s.tensorize(ci, "matmul")
+    if cfg["pipe"] > 1 and ext(s, co) > 1:
+        s.pipeline(co, cfg["pipe"])
+    if len(s.prog.stages) > 1:  # the padded copy: channels on the partitions, rows free
+        _, cc, hh, ww = s.axes("Xp")
+        s.partition(s.split(cc, fit(ext(s, cc), 128))[1])
+        s.vectorize(ww)
+
+
+def simple(s, cfg):
+    """Fallback: one tap and one channel step per matmul, output row by row."""
+    n, o, h, w = s.axes("Y")
+    kh, kw, c = s.reduce_axes("Y")
+    oo, oi = s.split(o, fit(ext(s, o), cfg["ot"]))
+    co, ci = s.split(c, fit(ext(s, c), cfg["ct"]))
+    wo, wi = s.split(w, fit(ext(s, w), cfg["free"]))
+    s.reorder(n, oo, h, wo, co, kh, kw, oi, wi, ci)
+    s.partition(oi)
+    s.vectorize(wi)
+    s.tensorize(ci, "matmul")
+
+
+def depthwise_template(s, cfg):
+    """Channels on the partitions, output pixels on the free axis, taps accumulated."""
+    n, c, h, w = s.axes("Y")
+    co, ci = s.split(c, fit(ext(s, c), 128))
+    outer, free = _spatial_free(s, "Y", h, w, cfg["free"] * 4)
+    s.reorder(n, co, *outer, ci, *free)
+    s.partition(ci)
+    for f in free:
+        s.vectorize(f)
+
+
+conv2d = KernelFn("conv2d", conv2d_algo, (("expert", template, DEFAULT),
+                                          ("simple", simple, DEFAULT)),
+                  "2-D convolution (NCHW, OIHW weights) as an implicit GEMM")
+depthwise_conv2d = KernelFn("depthwise_conv2d", depthwise_algo,
+                            (("expert", depthwise_template, DEFAULT),),
+                            "depthwise 2-D convolution (NCHW, [C,KH,KW] weights)")
