@@ -73,6 +73,167 @@ def _add_machines(p):
 cmd_machines.add = _add_machines
 
 
+# -- run / asm / trace ------------------------------------------------------------------------
+
+def _add_target(p, trace_out=False):
+    p.add_argument("target", metavar="KERNEL|FILE",
+                   help="a library kernel name (e.g. matmul, softmax, attention) or a .py file "
+                        "defining a @tl.kernel (optional module-level SPECS list of tl.spec and "
+                        "STATIC dict)")
+    if trace_out:
+        p.add_argument("out", nargs="?", default=None, metavar="OUT.json",
+                       help="where to write the trace (default: <kernel>.trace.json)")
+    p.add_argument("--shape", default=None,
+                   help="comma-separated sizes; for library kernels e.g. matmul takes M,N,K "
+                        "(default 512,1024,256)")
+    p.add_argument("--dtype", default="bfloat16", help="input dtype (default bfloat16)")
+    p.add_argument("--machine", default="trn2", help="machine preset or TOML file (default trn2)")
+    p.add_argument("--kernel", default=None, help="FILE only: which @tl.kernel in the file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+
+def _dims(text):
+    from .ir import TensorlangError  # noqa: PLC0415
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise TensorlangError(f"--shape {text!r} must be comma-separated integers, e.g. "
+                              "4096,4096,4096") from None
+
+
+def _load_file(args):
+    """(Kernel, specs, static) from a .py file defining a @tl.kernel."""
+    import importlib.util  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    import tensorlang as tl  # noqa: PLC0415
+    path = args.target
+    if not os.path.exists(path):
+        import kernels  # noqa: PLC0415
+        raise tl.TensorlangError(f"{path!r} is neither a library kernel ({', '.join(sorted(kernels.LIBRARY))}) "
+                                 "nor a file")
+    spec = importlib.util.spec_from_file_location("_tensorlang_user_kernel", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    found = {v.name: v for v in vars(mod).values() if isinstance(v, tl.Kernel)}
+    if not found:
+        raise tl.TensorlangError(f"{path}: defines no @tl.kernel")
+    if args.kernel:
+        if args.kernel not in found:
+            raise tl.TensorlangError(f"{path}: no kernel {args.kernel!r}; it defines "
+                                     f"{', '.join(found)}")
+        kern = found[args.kernel]
+    elif len(found) > 1 and not hasattr(mod, "SPECS"):
+        raise tl.TensorlangError(f"{path} defines several kernels ({', '.join(found)}); pick one "
+                                 "with --kernel")
+    else:
+        kern = next(iter(found.values()))
+    specs = getattr(mod, "SPECS", None)
+    if args.shape is not None:  # one shape for every input of that rank
+        dims = _dims(args.shape)
+        specs = [tl.spec(dims, args.dtype) for _ in kern.tensor_params]
+    if specs is None:
+        raise tl.TensorlangError(f"{path}: give the input shapes with a module-level SPECS = "
+                                 "[tl.spec(shape, dtype), ...] or --shape")
+    return kern, list(specs), dict(getattr(mod, "STATIC", {}))
+
+
+def _build(args):
+    """Everything run/asm/trace need: (name, prog, chosen kernel, how it was chosen, default
+    schedule builder)."""
+    import kernels  # noqa: PLC0415
+    from kernels.shapes import workload  # noqa: PLC0415
+    if args.target in kernels.LIBRARY:
+        kf = kernels.LIBRARY[args.target]
+        specs, static = workload(args.target, _dims(args.shape) if args.shape else None,
+                                 args.dtype)
+        k = kf.compile(*specs, machine=args.machine, **static)
+        return args.target, k.schedule.prog, k, k.choice.source
+    kern, specs, static = _load_file(args)
+    prog = kern.trace(*specs, **static)
+    k = prog.schedule(machine=args.machine).build(args.machine)
+    return kern.name, prog, k, "default"
+
+
+def _shape_text(prog):
+    return ", ".join(f"{t.name} {t.dtype}[{','.join(map(str, t.shape))}]" for t in prog.inputs)
+
+
+@command("run", "build, check against the numpy reference and simulate a kernel; print the report")
+def cmd_run(args):
+    import numpy as np  # noqa: PLC0415
+
+    import tensorlang as tl  # noqa: PLC0415
+    name, prog, k, source = _build(args)
+    arrays = [tl.dtypes.random_array(t.shape, t.dtype, seed=args.seed + n, scale=0.5)
+              for n, t in enumerate(prog.inputs)]
+    outs = k.run(*arrays)
+    refs = prog.reference(*arrays)
+    outs, refs = (outs, refs) if isinstance(outs, tuple) else ((outs,), (refs,))
+    err, ok = 0.0, True
+    for t, o, r in zip(prog.outputs, outs, refs):
+        d = np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64))
+        err = max(err, float(np.nanmax(d)) if d.size else 0.0)
+        ok = ok and tl.dtypes.allclose(o, r, t.dtype, *(x.dtype for x in prog.inputs))
+    rep = k.simulate()
+    rows = [dict(schedule=source, **_summary(rep))]
+    base = None
+    if source != "default":
+        base = prog.schedule(machine=args.machine).build(args.machine).simulate()
+        rows.append(dict(schedule="default (untuned)", **_summary(base)))
+    result = {"kernel": name, "inputs": _shape_text(prog), "machine": rep.machine,
+              "schedule": source, "check": {"matches_reference": ok, "max_abs_error": err},
+              "report": rep.to_dict(),
+              "default_report": base.to_dict() if base else None,
+              "speedup_vs_default": (base.time_us / rep.time_us) if base else None}
+    if args.json:
+        _emit(args, result)
+        return 0 if ok else 1
+    print(f"{name}: {_shape_text(prog)} on {rep.machine}")
+    print(f"schedule: {source}")
+    print(f"check:    {'OK' if ok else 'MISMATCH'} - simulator output vs the numpy reference on "
+          f"random inputs (max abs error {err:.3g})\n")
+    print(_table(rows, ["schedule", "time_us", "cycles", "roofline", "bound", "tflops"]))
+    if base:
+        print(f"\nspeedup of the library schedule over the default schedule: "
+              f"{base.time_us / rep.time_us:.1f}x")
+    print(f"\n{rep}")
+    return 0 if ok else 1
+
+
+def _summary(rep):
+    return {"time_us": f"{rep.time_us:,.2f}", "cycles": f"{rep.cycles:,}",
+            "roofline": f"{100 * rep.roofline_fraction:.1f}%", "bound": rep.bound,
+            "tflops": f"{rep.flops / max(rep.time_us, 1e-9) / 1e6:.2f}"}
+
+
+cmd_run.add = _add_target
+
+
+@command("asm", "print the ISA program of a kernel (the library's schedule, or the default)")
+def cmd_asm(args):
+    name, prog, k, source = _build(args)
+    text = k.asm()
+    _emit(args, {"kernel": name, "schedule": source, "asm": text}) if args.json else print(text)
+
+
+cmd_asm.add = _add_target
+
+
+@command("trace", "simulate a kernel and write its Chrome/Perfetto timeline (ui.perfetto.dev)")
+def cmd_trace(args):
+    name, prog, k, source = _build(args)
+    rep = k.simulate(trace=True)
+    out = args.out or f"{name}.trace.json"
+    rep.save_trace(out)
+    _emit(args, {"kernel": name, "trace": out, "report": rep.to_dict()}) if args.json else print(
+        f"wrote {out}: {rep.instructions:,} instructions, {rep.time_us:,.2f} us simulated on "
+        f"{rep.machine}; open it in ui.perfetto.dev or chrome://tracing")
+
+
+cmd_trace.add = lambda p: _add_target(p, trace_out=True)
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
