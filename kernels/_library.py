@@ -15,6 +15,7 @@ Compiled kernels are cached per (kernel, workload, static args, machine).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,16 @@ def candidates(kernel: str, workload: str, machine: str) -> list[tuple[str, obje
     return out
 
 
+def parse_record_name(kernel: str) -> tuple[str, dict]:
+    """Inverse of KernelFn.record_name: 'conv2d[padding=1,stride=2]' -> ('conv2d', {...})."""
+    name, _, rest = kernel.partition("[")
+    static = {}
+    for kv in filter(None, rest.rstrip("]").split(",")):
+        k, _, v = kv.partition("=")
+        static[k] = json.loads(v)
+    return name, static
+
+
 # -- the kernel function ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ class KernelFn:
 
     def record_name(self, static: dict) -> str:
         """The `kernel` field of this kernel's records: the name plus non-default static args."""
-        extra = [f"{k}={v}" for k, v in sorted(static.items())
+        extra = [f"{k}={json.dumps(v)}" for k, v in sorted(static.items())
                  if self.algo.static_params.get(k) != v]
         return f"{self.name}[{','.join(extra)}]" if extra else self.name
 

@@ -1,0 +1,274 @@
+"""The kernel library: every kernel equals plain numpy, fallbacks never fail, shipped records
+replay to the cycles they claim, and the run / asm / trace commands work."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import kernels
+import tensorlang as tl
+from kernels import _library
+from kernels.shapes import SHAPES, workload
+from tensorlang import cli
+from tensorlang.dtypes import assert_close, np_dtype, random_array
+
+
+def R(shape, dtype="bfloat16", seed=0, scale=1.0):
+    return random_array(shape, dtype, seed=seed, scale=scale)
+
+
+def f32(a):
+    return np.asarray(a, np.float32)
+
+
+def gelu(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+ACT = {None: lambda x: x, "relu": lambda x: np.maximum(x, 0), "gelu": gelu, "silu": silu}
+
+
+def check(kf, arrays, expected, dtype, **static):
+    out = kf(*arrays, **static)
+    assert_close(out, expected, dtype, what=f"{kf.name}{static}")
+    return kf.compile(*arrays, **static)
+
+
+# -- matmul family ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float8_e4m3"])
+@pytest.mark.parametrize("mkn", [(128, 128, 512), (256, 384, 640), (200, 100, 300)])
+def test_matmul(dtype, mkn):
+    M, K, N = mkn
+    A, B = R((M, K), dtype), R((K, N), dtype, 1)
+    check(kernels.matmul, (A, B), f32(A) @ f32(B), dtype)
+
+
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "silu"])
+def test_matmul_epilogues(act):
+    A, B, b, Rr = R((256, 128)), R((128, 512), seed=1), R((512,), seed=2), R((256, 512), seed=3)
+    H = f32(A) @ f32(B)
+    check(kernels.matmul, (A, B), ACT[act](H), "bfloat16", act=act)
+    k = check(kernels.linear, (A, B, b), ACT[act](H + f32(b)), "bfloat16", act=act)
+    assert k.choice.source == "template fused"          # the epilogue stays on chip
+    check(kernels.matmul_add, (A, B, Rr), ACT[act](H) + f32(Rr), "bfloat16", act=act)
+
+
+def test_bmm():
+    A, B = R((3, 128, 64)), R((3, 64, 256), seed=1)
+    check(kernels.bmm, (A, B), np.matmul(f32(A), f32(B)), "bfloat16")
+
+
+def test_bad_shapes_are_one_clear_error():
+    with pytest.raises(tl.TensorlangError, match="inner dimensions differ"):
+        kernels.matmul(R((4, 8)), R((9, 4)))
+    with pytest.raises(tl.TensorlangError, match="activation 'tanhh'"):
+        kernels.matmul(R((4, 8)), R((8, 4)), act="tanhh")
+
+
+# -- conv -----------------------------------------------------------------------------------------
+
+def conv_ref(X, Wt, stride, padding, dilation):
+    X, Wt = f32(X), f32(Wt)
+    N, C, H, W = X.shape
+    O, _, KH, KW = Wt.shape
+    Xp = np.pad(X, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    OH = (H + 2 * padding - dilation * (KH - 1) - 1) // stride + 1
+    OW = (W + 2 * padding - dilation * (KW - 1) - 1) // stride + 1
+    Y = np.zeros((N, O, OH, OW), np.float32)
+    for kh in range(KH):
+        for kw in range(KW):
+            win = Xp[:, :, kh * dilation:kh * dilation + stride * (OH - 1) + 1:stride,
+                     kw * dilation:kw * dilation + stride * (OW - 1) + 1:stride]
+            Y += np.einsum("nchw,oc->nohw", win, Wt[:, :, kh, kw])
+    return Y
+
+
+CONVS = [((1, 16, 8, 8), (32, 16, 3, 3), 1, 1, 1), ((2, 8, 9, 9), (16, 8, 3, 3), 2, 0, 1),
+         ((1, 8, 10, 10), (8, 8, 3, 3), 1, 2, 2)]
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation", CONVS)
+def test_conv2d_and_depthwise(xs, ws, stride, padding, dilation):
+    X, Wt = R(xs), R(ws, seed=1)
+    st = dict(stride=stride, padding=padding, dilation=dilation)
+    check(kernels.conv2d, (X, Wt), conv_ref(X, Wt, **st), "bfloat16", **st)
+    Wd = R((xs[1],) + ws[2:], seed=2)
+    ref = np.concatenate([conv_ref(X[:, c:c + 1], Wd[c][None, None], **st)
+                          for c in range(xs[1])], 1)
+    check(kernels.depthwise_conv2d, (X, Wd), ref, "bfloat16", **st)
+
+
+# -- norms -----------------------------------------------------------------------------------------
+
+def rms(x, g):
+    return x / np.sqrt((x * x).mean(1, keepdims=True) + 1e-6) * g
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("mn", [(128, 256), (200, 300)])
+def test_norms(dtype, mn):
+    M, N = mn
+    X, g, b = R((M, N), dtype), R((N,), dtype, 1), R((N,), dtype, 2)
+    x = f32(X)
+    e = np.exp(x - x.max(1, keepdims=True))
+    check(kernels.softmax, (X,), e / e.sum(1, keepdims=True), dtype)
+    check(kernels.log_softmax, (X,), np.log(e / e.sum(1, keepdims=True)), dtype)
+    mu, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
+    check(kernels.layernorm, (X, g, b), (x - mu) / np.sqrt(var + 1e-5) * f32(g) + f32(b), dtype)
+    check(kernels.rmsnorm, (X, g), rms(x, f32(g)), dtype)
+    W = R((N, 256), dtype, 3)
+    xn = rms(x, f32(g)).astype(np_dtype(dtype)).astype(np.float32)  # Xn is stored in W's dtype
+    check(kernels.rmsnorm_matmul, (X, g, W), xn @ f32(W), dtype)
+
+
+# -- attention ------------------------------------------------------------------------------------
+
+def attention_ref(Q, K, V, causal):
+    Q, K, V = f32(Q), f32(K), f32(V)
+    S = np.einsum("hid,hjd->hij", Q, K) / math.sqrt(Q.shape[-1])
+    if causal:
+        S = np.where(np.tril(np.ones(S.shape[1:], bool)), S, -np.inf)
+    P = np.exp(S - S.max(-1, keepdims=True))
+    return np.einsum("hij,hje->hie", P / P.sum(-1, keepdims=True), V)
+
+
+@pytest.mark.parametrize("shape", [(2, 128, 128, 64), (1, 100, 100, 32)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention(shape, causal):
+    H, Sq, Sk, D = shape
+    Q, K, V = R((H, Sq, D)), R((H, Sk, D), seed=1), R((H, Sk, D), seed=2)
+    k = check(kernels.attention, (Q, K, V), attention_ref(Q, K, V, causal), "bfloat16",
+              causal=causal)
+    assert k.choice.source == "template flash"
+
+
+# -- elementwise / reductions ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("mn", [(128, 256), (300, 200)])
+def test_elementwise(dtype, mn):
+    X, G = R(mn, dtype), R(mn, dtype, 1)
+    x = f32(X)
+    check(kernels.transpose, (X,), x.T, dtype)
+    for axis in (0, 1):
+        check(kernels.LIBRARY["sum"], (X,), x.sum(axis), dtype, axis=axis)
+        check(kernels.LIBRARY["max"], (X,), x.max(axis), dtype, axis=axis)
+        check(kernels.mean, (X,), x.mean(axis), dtype, axis=axis)
+    check(kernels.gelu, (X,), gelu(x), dtype)
+    check(kernels.silu, (X,), silu(x), dtype)
+    check(kernels.swiglu, (X, G), silu(x) * f32(G), dtype)
+
+
+# -- choosing schedules -----------------------------------------------------------------------------
+
+def test_every_kernel_runs_its_expert_template_at_the_default_shape():
+    """The first template of every kernel builds at its CLI default shape (not a fallback)."""
+    for name, kf in kernels.LIBRARY.items():
+        specs, static = workload(name, dtype="bfloat16")
+        prog = kf.trace(*specs, **static)
+        kf.template_schedule(prog, "trn2", 0).build("trn2")
+
+
+def test_unknown_shape_falls_back_and_never_fails(monkeypatch):
+    """No records: the expert template; a template that cannot apply: the next one, then the
+    default schedule; the result is right either way."""
+    monkeypatch.setattr(_library, "_SHIPPED", [])
+    monkeypatch.setenv("TENSORLANG_RECORDS", "/nonexistent/records.db")
+    A, B = R((130, 70)), R((70, 90), seed=1)
+    k = kernels.matmul.compile(A, B)
+    assert k.choice.source.startswith("template")
+    assert_close(k.run(A, B), f32(A) @ f32(B), "bfloat16")
+
+    def broken(s, cfg):
+        raise tl.TensorlangError("this template does not apply")
+    kf = _library.KernelFn("mm_broken", kernels.matmul.algo, (("broken", broken, {}),))
+    k = kf.compile(A, B)
+    assert k.choice.source == "default"
+    assert_close(k.run(A, B), f32(A) @ f32(B), "bfloat16")
+
+
+def _record(prog, kf, cycles, trace, machine="trn2", kernel=None):
+    from autotune.records import Record, workload_key
+    return Record(kernel or kf.name, workload_key(prog), machine, "test", {}, trace, cycles,
+                  1.0, 0.5)
+
+
+def test_records_exact_then_nearest(monkeypatch):
+    """An exact record is replayed; another shape's record is replayed when it is legal on
+    this shape; a record whose trace does not replay is skipped."""
+    monkeypatch.setenv("TENSORLANG_RECORDS", "/nonexistent/records.db")
+    kf = kernels.matmul
+    p1 = kf.trace(tl.spec((256, 128), "bfloat16"), tl.spec((128, 512), "bfloat16"))
+    s = kf.template_schedule(p1, "trn2", 1)
+    bad = [{"op": "split", "stage": "C", "args": ["nope", 2], "loops": [0]}]
+    p2 = kf.trace(tl.spec((512, 128), "bfloat16"), tl.spec((128, 512), "bfloat16"))
+    monkeypatch.setattr(_library, "_SHIPPED", [_record(p1, kf, 10, s.trace()),
+                                               _record(p2, kf, 5, bad)])
+    kf._cache.clear()
+    A, B = R((256, 128)), R((128, 512), seed=1)
+    k = kf.compile(A, B)
+    assert k.choice.source == "record" and k.schedule.trace() == s.trace()
+    A2 = R((384, 128))
+    k2 = kf.compile(A2, B)           # nearest: p1's trace (p2's does not replay)
+    assert k2.choice.source == "nearest record" and k2.choice.record.trace == s.trace()
+    assert_close(k2.run(A2, B), f32(A2) @ f32(B), "bfloat16")
+    kf._cache.clear()
+
+
+def test_shipped_records_replay_to_their_cycles():
+    recs = _library.shipped_records()
+    for r in recs:
+        name, static = _library.parse_record_name(r.kernel)
+        kf = kernels.LIBRARY[name]
+        from autotune.records import parse_workload
+        _, args = parse_workload(r.workload)
+        prog = kf.trace(*[tl.spec(s, d) for d, s in args], **static)
+        s = tl.Schedule.replay(prog, r.trace, r.machine)
+        rep = s.build(r.machine).simulate()
+        assert rep.cycles == r.cycles, f"{r.kernel} {r.workload} on {r.machine}"
+
+
+def test_shapes_table_covers_the_library():
+    assert set(SHAPES) == set(kernels.LIBRARY)
+    with pytest.raises(tl.TensorlangError, match="M,N,K"):
+        workload("matmul", (1, 2))
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def test_cli_run_library_kernel(capsys):
+    assert cli.main(["run", "matmul", "--shape", "128,256,128"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "template expert" in out and "default (untuned)" in out
+    assert cli.main(["run", "softmax", "--shape", "128,256", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["check"]["matches_reference"] and d["report"]["cycles"] > 0
+
+
+def test_cli_run_file_asm_trace(tmp_path, capsys):
+    f = tmp_path / "k.py"
+    f.write_text("import tensorlang as tl\n\n@tl.kernel\ndef double(X):\n"
+                 "    M, N = X.shape\n    Y = tl.tensor((M, N), 'float32')\n"
+                 "    for i, j in tl.grid(M, N):\n        Y[i, j] = X[i, j] * 2.0\n    return Y\n\n"
+                 "SPECS = [tl.spec((128, 64), 'float32')]\n")
+    assert cli.main(["run", str(f)]) == 0
+    assert "double" in capsys.readouterr().out
+    assert cli.main(["asm", "rmsnorm", "--shape", "128,128"]) == 0
+    assert "program rmsnorm" in capsys.readouterr().out
+    out = tmp_path / "t.json"
+    assert cli.main(["trace", "transpose", str(out), "--shape", "128,128"]) == 0
+    assert json.loads(out.read_text())["traceEvents"]
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert cli.main(["run", "no_such_kernel"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a library kernel" in err and "Traceback" not in err
+    assert cli.main(["run", "matmul", "--shape", "4x4"]) == 2
+    assert "comma-separated" in capsys.readouterr().err
