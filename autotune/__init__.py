@@ -11,3 +11,7 @@ Importing this package is light; Optuna is imported when a search starts.
 from .records import Record, Records, dump_jsonl, load_jsonl, workload_key
 
 __all__ = ["Record", "Records", "workload_key", "load_jsonl", "dump_jsonl"]
+from .space import Config, enumerate_configs, generated
+from .tuner import SAMPLERS, Trial, TuneResult, tune
+
+__all__ += ["tune", "TuneResult", "Trial", "SAMPLERS", "Config", "generated", "enumerate_configs"]
