@@ -1,0 +1,168 @@
+"""Timing-simulator throughput (issue 3): simulated dynamic instructions per second.
+
+    python benchmarks/bench_timing.py [--repeats 5] [--ref-repeats 3] [--machine trn2] [--write]
+
+Programs: the hand-written ISA programs of `sim.examples` (a tiled bf16 matmul, double
+buffered, and an fp32 row softmax, double buffered).
+
+  * Numba core, large programs (millions of dynamic instructions): `sim.timing.flatten`
+    and `sim.timing.run_core` are timed separately; the rate is dynamic instructions / core
+    time.
+  * Numba core vs the pure-Python model (`sim.timing_ref.simulate_ref`) on the same, smaller
+    programs (the Python model takes a few seconds on them): both rates and their ratio.
+
+Medians over repeats (CPU time of this thread, so other processes on a shared machine
+disturb the figures less), all measured in one run. --write replaces the section
+"## Timing simulator (issue 3)" of benchmarks/RESULTS.md (other sections are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sim import examples, machine  # noqa: E402
+from sim.timing import flatten, run_core  # noqa: E402
+from sim.timing_ref import simulate_ref  # noqa: E402
+
+SECTION = "## Timing simulator (issue 3)"
+TARGET_RATE, TARGET_RATIO = 20e6, 50.0
+
+# (label, builder): large programs for the Numba core, small ones for the Python comparison
+LARGE = [
+    ("matmul 16384x16384x32768 bf16 bufs=2",
+     lambda m: examples.matmul_program(16384, 16384, 32768, "bfloat16", bufs=2, spec=m)),
+    ("softmax 16777216x64 fp32 bufs=2",
+     lambda m: examples.softmax_program(128 * 131072, 64, "float32", bufs=2, spec=m)),
+]
+SMALL = [
+    ("matmul 4096x4096x1024 bf16 bufs=2",
+     lambda m: examples.matmul_program(4096, 4096, 1024, "bfloat16", bufs=2, spec=m)),
+    ("softmax 524288x64 fp32 bufs=2",
+     lambda m: examples.softmax_program(128 * 4096, 64, "float32", bufs=2, spec=m)),
+]
+
+
+def clock() -> float:
+    return time.thread_time()
+
+
+def time_numba(prog, spec, repeats: int) -> dict:
+    """Median flatten and core times (s) and the dynamic instruction count."""
+    flat = flatten(prog, spec)
+    run_core(flat, spec)                         # warm-up: loads / compiles the core
+    t_flat, t_core = [], []
+    n = 0
+    for _ in range(repeats):
+        t0 = clock()
+        flat = flatten(prog, spec)
+        t1 = clock()
+        n = int(run_core(flat, spec)[3])
+        t2 = clock()
+        t_flat.append(t1 - t0)
+        t_core.append(t2 - t1)
+    core = statistics.median(t_core)
+    return {"instructions": n, "flatten_s": statistics.median(t_flat), "core_s": core,
+            "rate": n / core}
+
+
+def time_ref(prog, spec, repeats: int) -> dict:
+    ts = []
+    n = 0
+    for _ in range(repeats):
+        t0 = clock()
+        n = len(simulate_ref(prog, spec).records)
+        ts.append(clock() - t0)
+    t = statistics.median(ts)
+    return {"instructions": n, "time_s": t, "rate": n / t}
+
+
+def fmt_rate(r: float) -> str:
+    return f"{r / 1e6:,.2f} M/s" if r >= 1e5 else f"{r / 1e3:,.1f} k/s"
+
+
+def run(args) -> str:
+    spec = machine(args.machine)
+    cmd = "python benchmarks/bench_timing.py " + " ".join(sys.argv[1:])
+    out = [SECTION, "",
+           f"Command: `{cmd.strip()}` ({datetime.date.today().isoformat()}, "
+           f"{platform.python_implementation()} {platform.python_version()}, "
+           f"machine {spec.name})", ""]
+
+    out += [f"Numba core (`sim.timing.run_core`) on large programs, median of {args.repeats} "
+            "(thread CPU time):", "",
+            "| program | dynamic instrs | flatten | core | simulated instrs/s |",
+            "| --- | --- | --- | --- | --- |"]
+    large_rates = []
+    for label, build in LARGE:
+        r = time_numba(build(spec), spec, args.repeats)
+        large_rates.append(r["rate"])
+        out.append(f"| {label} | {r['instructions']:,} | {r['flatten_s'] * 1e3:,.2f} ms | "
+                   f"{r['core_s'] * 1e3:,.1f} ms | {fmt_rate(r['rate'])} |")
+        print(out[-1], flush=True)
+
+    out += ["", f"Same programs in both models (Numba median of {args.repeats}, pure Python "
+            f"`sim.timing_ref.simulate_ref` median of {args.ref_repeats}):", "",
+            "| program | dynamic instrs | Numba core | pure Python | ratio |",
+            "| --- | --- | --- | --- | --- |"]
+    ratios = []
+    for label, build in SMALL:
+        prog = build(spec)
+        nb = time_numba(prog, spec, args.repeats)
+        py = time_ref(prog, spec, args.ref_repeats)
+        assert nb["instructions"] == py["instructions"]
+        ratios.append(nb["rate"] / py["rate"])
+        out.append(f"| {label} | {nb['instructions']:,} | {fmt_rate(nb['rate'])} | "
+                   f"{fmt_rate(py['rate'])} | {ratios[-1]:,.0f}x |")
+        print(out[-1], flush=True)
+
+    lo_rate, lo_ratio = min(large_rates), min(ratios)
+    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    out += ["", f"Targets (PRODUCT.md): >= 20 M simulated instructions/s/core: {met(lo_rate >= TARGET_RATE)} "
+            f"(lowest {fmt_rate(lo_rate)}); >= 50x the pure-Python model: "
+            f"{met(lo_ratio >= TARGET_RATIO)} (lowest {lo_ratio:,.0f}x).", ""]
+    return "\n".join(out)
+
+
+def write_section(text: str, path: Path) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, keeping the others."""
+    doc = path.read_text() if path.exists() else (
+        "# Benchmark results\n\nFigures measured on the development machine; each section "
+        "names the command that produced it.\n")
+    lines = doc.splitlines()
+    try:
+        a = lines.index(SECTION)
+    except ValueError:
+        new = doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        b = next((i for i in range(a + 1, len(lines)) if lines[i].startswith("## ")),
+                 len(lines))
+        keep = ("\n" + "\n".join(lines[b:]) + "\n") if b < len(lines) else "\n"
+        new = "\n".join(lines[:a]) + "\n" + text.rstrip("\n") + "\n" + keep
+    path.write_text(new)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5, help="Numba repeats (median)")
+    ap.add_argument("--ref-repeats", type=int, default=3, help="pure-Python repeats (median)")
+    ap.add_argument("--machine", default="trn2")
+    ap.add_argument("--write", action="store_true",
+                    help=f"write the section into {ROOT / 'benchmarks' / 'RESULTS.md'}")
+    args = ap.parse_args(argv)
+    text = run(args)
+    print()
+    print(text)
+    if args.write:
+        write_section(text, ROOT / "benchmarks" / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
