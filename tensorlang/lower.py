@@ -1215,7 +1215,8 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
             part, dims = job.part, list(job.free) + (job.red_free if ld in _loads_of(job.value) else [])
         deps = tuple(f for f in dims if any(ix.coef(f) for ix in ld.index))
         slots = [u for u in inner if any(ix.coef(u) for ix in ld.index)]
-        tailed = {job.split_of[a].outer for a in (part, *deps) if a in job.split_of
+        used = [a for a in (part, *deps) if any(ix.coef(a) for ix in ld.index)]
+        tailed = {job.split_of[a].outer for a in used if a in job.split_of
                   and job.split_of[a].inner == a and job.split_of[a].tail}
         slots += [u for u in inner if u in tailed and u not in slots]
         slots = [u for u in inner if u in slots]
@@ -1254,8 +1255,8 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                 lw.bind_loop(job, slots[i], e, lambda e2: fill(e2, i + 1))
                 return
             ext = dict(e.ext)
-            for a_ in (part, *deps):
-                ext[a_] = lw.ext_of(job, a_, e)
+            for a_ in (part, *deps):  # a broadcast partition: fill every row it can have
+                ext[a_] = lw.ext_of(job, a_, e) if a_ in used else nom[a_]
             into = slot_val(e)
             memo[lw.operand_key(ld, part, deps, e, ext)] = slot_val
             with lw.level():

@@ -123,6 +123,96 @@ class State:
             self, stages=tuple(ss if s.stage == ss.stage else s for s in self.stages))
 
 
+def extent_set(ss: StageSched, name: str) -> frozenset[int]:
+    """Every extent loop `name` takes (more than one below a split that leaves a tail)."""
+    for r in ss.relations:
+        if isinstance(r, Split) and name in (r.outer, r.inner):
+            parent = extent_set(ss, r.parent)
+            if name == r.outer:
+                return frozenset(-(-n // r.factor) for n in parent)
+            out = {r.factor for n in parent if n >= r.factor}
+            out |= {n % r.factor for n in parent if n % r.factor}
+            return frozenset(out)
+        if isinstance(r, Fuse) and name == r.fused:
+            return frozenset(a * b for a in extent_set(ss, r.outer) for b in extent_set(ss, r.inner))
+    return frozenset((ss.var(name).extent,))
+
+
+def split_leaves(ss: StageSched, name: str) -> list[str]:
+    """The loops a var was split into, recursively (the var itself when never split)."""
+    for r in ss.relations:
+        if isinstance(r, Split) and r.parent == name:
+            return split_leaves(ss, r.outer) + split_leaves(ss, r.inner)
+    return [name]
+
+
+def expand_fused(ss: StageSched, name: str) -> list[str]:
+    """A fused loop's component loops, outermost first (the loop itself when not fused)."""
+    for r in ss.relations:
+        if isinstance(r, Fuse) and r.fused == name:
+            return expand_fused(ss, r.outer) + expand_fused(ss, r.inner)
+    return [name]
+
+
+def check_tails(ss: StageSched, what: str):
+    """A split that leaves a tail needs its outer loop(s) bound before its inner ones: every
+    loop derived from the outer part stays a loop (not a tile loop) and runs outside every
+    loop derived from the inner part (tile loops count as innermost)."""
+    tile = {a for v in ss.tile_vars() for a in expand_fused(ss, v)}
+    pos = {}
+    for v in ss.order:
+        for a in expand_fused(ss, v):
+            if a not in tile:
+                pos[a] = len(pos)
+    for r in ss.relations:
+        if not (isinstance(r, Split) and r.tail):
+            continue
+        rule = (f"the split of {r.parent!r} by {r.factor} leaves a tail of {r.tail}, so "
+                f"{r.outer!r} must run as a loop outside {r.inner!r} (or split by a divisor)")
+        outer, inner = split_leaves(ss, r.outer), split_leaves(ss, r.inner)
+        for a in outer:
+            if a in tile:
+                raise TensorlangError(f"{what}: stage {ss.stage!r} would make {a!r} a "
+                                      f"partition/vectorized/tensorized tile loop, but {rule}")
+        last = max(pos[a] for a in outer)
+        for b in inner:
+            if b in pos and pos[b] < last:
+                a = max(outer, key=lambda x: pos[x])
+                raise TensorlangError(f"{what}: stage {ss.stage!r} would run {b!r} outside "
+                                      f"{a!r}, but {rule}")
+
+
+def hosts(state: "State", stage: str) -> set[str]:
+    """Loops of `stage` that host a cache_read, a compute_at or a cache_write: they stay loops."""
+    out = {c.at for c in state.cache_reads if c.stage == stage}
+    out |= {p.attach[1] for p in state.stages if p.attach and p.attach[0] == stage}
+    cw = state.get(stage).cache_write
+    if cw and cw[1]:
+        out.add(cw[1])
+    return out
+
+
+def check_partitionable(ss: StageSched, what: str, hosting: set[str] = frozenset(), ok=None):
+    """Every tile has a partition loop: the stage has one, or a spatial loop that `build` can
+    split (when > the partitions) and partition -- not fused, annotated, or the outer part of
+    a split that leaves a tail."""
+    if ss.partition is not None:
+        return
+    tile = set(ss.tile_vars())
+    fused = {r.fused for r in ss.relations if isinstance(r, Fuse)}
+    tail_outer = {a for r in ss.relations if isinstance(r, Split) and r.tail
+                  for a in split_leaves(ss, r.outer)}
+    marked = tile | fused | set(dict(ss.pipelined)) | set(ss.unrolled) | tail_outer | hosting
+    spatial = [v for v in ss.order if ss.var(v).kind == "spatial"]
+    if not any(v not in marked and (ok is None or ok(v)) for v in spatial):
+        raise TensorlangError(
+            f"{what}: stage {ss.stage!r} would have no loop left to map to the partitions "
+            f"{'(a tensorized stage partitions a loop of one operand only, not of the moving one) ' if ok else ''}"
+            f"(spatial loops: {', '.join(spatial) or 'none'}; fused, vectorized, pipelined, "
+            "unrolled, tail-splitting outer loops and loops hosting a cache or compute_at "
+            "cannot be); partition a loop first")
+
+
 def initial_state(prog: Program) -> State:
     out = []
     for st in prog.stages:
@@ -239,6 +329,9 @@ class Schedule:
 
     def _loop(self, ss: StageSched, loop, what: str) -> str:
         name = str(loop)
+        if isinstance(loop, LoopVar) and loop.stage != ss.stage:
+            raise TensorlangError(f"{what}: loop {name!r} belongs to stage {loop.stage!r}, not "
+                                  f"{ss.stage!r}; one step schedules the loops of one stage")
         if name not in ss.order:
             raise TensorlangError(f"{what}: stage {ss.stage!r} has no loop {name!r}; "
                                   f"its loops are {', '.join(ss.order)}")
@@ -263,15 +356,153 @@ class Schedule:
             stage = loop.stage
         return self._stage(stage)
 
-    def _check_tail_order(self, ss: StageSched, order: tuple[str, ...], what: str):
-        pos = {v: i for i, v in enumerate(order)}
-        for r in ss.relations:
-            if isinstance(r, Split) and r.tail and r.outer in pos and r.inner in pos \
-                    and pos[r.inner] < pos[r.outer]:
+    def _commit(self, state: State, what: str):
+        """Validate a whole new state (rules that involve several steps) and adopt it."""
+        for ss in state.stages:
+            check_tails(ss, what)
+            ok = self._check_matmul_layout(ss, what) if ss.tensorized else None
+            if not ss.inline and not ss.attach:
+                check_partitionable(ss, what, hosts(state, ss.stage), ok)
+        self._check_links(state, what)
+        self.state = state
+
+    def _check_matmul_layout(self, ss: StageSched, what: str):
+        """A tensorized stage computes out[M, N] = a[K, M]^T b[K, N]: the partition loop (M)
+        and the vectorized loops (N) index different operands, and neither operand depends
+        on both; the accumulator is in PSUM."""
+        st = self.prog.stage(ss.stage)
+        a, b = matmul_operands(st)
+        root = {}
+        for v in ss.vars:
+            r = v.name
+            while True:
+                up = next((x for x in ss.relations if isinstance(x, Split) and r in (x.outer, x.inner)
+                           or isinstance(x, Fuse) and r == x.fused), None)
+                if up is None:
+                    break
+                r = up.parent if isinstance(up, Split) else up.outer
+            root[v.name] = r
+        roots = {v.name: {root[a_] for a_ in split_leaves(ss, v.name)} for v in ss.vars}
+        for v in ss.vars:
+            for f in (x for x in ss.relations if isinstance(x, Fuse) and x.fused == v.name):
+                roots[v.name] = roots[f.outer] | roots[f.inner]
+
+        def uses(ld, loop):
+            return any(ix.coef(x) for ix in ld.index for x in roots[loop])
+        free = [v for v in ss.vectorized if ss.var(v).kind == "spatial"]
+        for loop in ([ss.partition] if ss.partition else []) + free:
+            if uses(a, loop) and uses(b, loop):
                 raise TensorlangError(
-                    f"{what}: stage {ss.stage!r} would run {r.inner!r} outside {r.outer!r}, but "
-                    f"the split of {r.parent!r} by {r.factor} leaves a tail of {r.tail}; keep "
-                    f"{r.outer!r} outside {r.inner!r} or split by a divisor")
+                    f"{what}: stage {ss.stage!r} is tensorized, and both operands {a.tensor!r} "
+                    f"and {b.tensor!r} depend on its {'partition' if loop == ss.partition else 'vectorized'}"
+                    f" loop {loop!r}; a matmul takes [K, M] x [K, N]: the partition loop (M) and "
+                    "the vectorized loops (N) must each index one operand only", st.loc)
+        for ld in (a, b):
+            p = ss.partition is not None and uses(ld, ss.partition)
+            fs = [v for v in free if uses(ld, v)]
+            if p and fs:
+                raise TensorlangError(
+                    f"{what}: stage {ss.stage!r} is tensorized, and operand {ld.tensor!r} depends "
+                    f"on both the partition loop {ss.partition!r} and the vectorized loop "
+                    f"{fs[0]!r}; a matmul takes [K, M] x [K, N]: partition a loop of one operand "
+                    "and vectorize loops of the other", st.loc)
+        if ss.cache_write and ss.cache_write[0] != "psum":
+            raise TensorlangError(f"{what}: stage {ss.stage!r} is tensorized, so its accumulator "
+                                  f"is in PSUM, not {ss.cache_write[0]!r} (cache_write)")
+        moving = {id(ld) for ld in (a, b) for v in free if uses(ld, v)}
+
+        def can_partition(v):  # candidates for the partition loop build may choose
+            users = [ld for ld in (a, b) if uses(ld, v)]
+            return len(users) == 1 and id(users[0]) not in moving
+        return can_partition
+
+    def _check_own_layout(self, ss: StageSched, name: str, what: str):
+        if ss.attach and ss.var(name).kind == "spatial":
+            raise TensorlangError(
+                f"{what} {ss.stage}.{name}: {ss.stage!r} is computed at "
+                f"{ss.attach[0]}.{ss.attach[1]} and takes its spatial layout from there; only "
+                "its reduction loops can be scheduled")
+
+    def _check_tile_loop(self, ss: StageSched, name: str, what: str, fused_ok: bool = False):
+        """A loop becoming part of the tile: not pipelined/unrolled, not fused (partition and
+        contraction: one affine stride), not a spatial loop of an attached stage."""
+        if name in dict(ss.pipelined) or name in ss.unrolled:
+            raise TensorlangError(f"{what} {ss.stage}.{name}: the loop is pipelined/unrolled; a "
+                                  "tile loop is not a loop of the program")
+        if not fused_ok and any(isinstance(r, Fuse) and r.fused == name for r in ss.relations):
+            raise TensorlangError(f"{what} {ss.stage}.{name}: a fused loop cannot be the "
+                                  f"{what} loop (it has no single stride); {what} one of its parts")
+        self._check_own_layout(ss, name, what)
+
+    def _consumers(self, state: State, tensor: str) -> list[str]:
+        """Stages reading `tensor` once inlined stages are substituted into their readers."""
+        out = []
+        for st in self.prog.stages:
+            if any(ld.tensor == tensor for ld in st.reads()):
+                if state.get(st.name).inline:
+                    out += [c for c in self._consumers(state, st.tensor) if c not in out]
+                elif st.name not in out:
+                    out.append(st.name)
+        return out
+
+    def _check_links(self, state: State, what: str):
+        """Rules between stages: compute_at targets, cache_read / cache_write positions."""
+        for ss in state.stages:
+            if ss.attach:
+                target, at = ss.attach
+                ts = state.get(target)
+                where = f"{what}: {ss.stage!r} is computed at {target}.{at}"
+                if ts.inline:
+                    raise TensorlangError(f"{where}, but {target!r} is inlined")
+                if ts.attach:
+                    raise TensorlangError(f"{where}, but {target!r} is itself computed at "
+                                          f"{ts.attach[0]}.{ts.attach[1]}; attach to a root stage")
+                if at not in ts.order:
+                    raise TensorlangError(f"{where}, but {at!r} is no longer a loop of {target!r} "
+                                          "(split or fused since); transform loops first")
+                if at in ts.tile_vars():
+                    raise TensorlangError(f"{where}, but {target}.{at} is a tile loop "
+                                          "(partition/vectorize/tensorize), not a loop")
+                tensor = self.prog.stage(ss.stage).tensor
+                for c in self._consumers(state, tensor):
+                    cs = state.get(c)
+                    if c != target and not (cs.attach and cs.attach[0] == target):
+                        raise TensorlangError(
+                            f"{where}, but stage {c!r} also reads {tensor!r} and is not computed "
+                            f"inside {target!r}; compute {c!r} at {target!r} first")
+        for c in state.cache_reads:
+            cs = state.get(c.stage)
+            where = f"{what}: cache_read of {c.tensor!r} at {c.stage}.{c.at}"
+            if cs.inline or cs.attach:
+                raise TensorlangError(f"{where}, but {c.stage!r} is "
+                                      f"{'inlined' if cs.inline else 'computed at another stage'}"
+                                      "; cache where the loop nest runs")
+            if c.at not in cs.order:
+                raise TensorlangError(f"{where}, but {c.at!r} is no longer a loop of {c.stage!r} "
+                                      "(split or fused since); transform loops first")
+            if c.at in cs.tile_vars():
+                raise TensorlangError(f"{where}, but {c.at!r} is a tile loop, not a loop")
+            p = self.prog.producer(c.tensor)
+            if p is not None and (state.get(p.name).inline or state.get(p.name).attach):
+                raise TensorlangError(f"{where}, but {c.tensor!r} is not in HBM: its stage "
+                                      f"{p.name!r} is inlined or computed at a consumer")
+        for ss in state.stages:
+            if ss.cache_write is None or ss.cache_write[1] is None:
+                continue
+            at = ss.cache_write[1]
+            where = f"{what}: cache_write of {ss.stage!r} at {at!r}"
+            if ss.attach:
+                raise TensorlangError(f"{where}, but {ss.stage!r} is computed at "
+                                      f"{ss.attach[0]}.{ss.attach[1]}; its tile lives there")
+            if at not in ss.order:
+                raise TensorlangError(f"{where}, but {at!r} is no longer a loop of {ss.stage!r} "
+                                      "(split or fused since); transform loops first")
+            if at in ss.tile_vars():
+                raise TensorlangError(f"{where}: {at!r} is a tile loop, not a loop")
+            red = next((v for v in ss.loops() if ss.var(v).kind == "reduce"), None)
+            if red is not None and ss.loops().index(at) >= ss.loops().index(red):
+                raise TensorlangError(f"{where}: it is inside the reduction loop {red!r}; the "
+                                      "accumulator must cover every reduction loop")
 
     # -- loop transformations -------------------------------------------------------------------
     def split(self, loop, factor: int, stage=None) -> tuple[LoopVar, LoopVar]:
@@ -290,14 +521,25 @@ class Schedule:
         if name in ss.tile_vars() or name in dict(ss.pipelined) or name in ss.unrolled:
             raise TensorlangError(f"split of {ss.stage}.{name}: the loop is already annotated "
                                   "(partition/vectorize/tensorize/pipeline/unroll); split first")
+        self._check_own_layout(ss, name, "split")
+        for r in ss.relations:
+            if isinstance(r, Split) and r.outer == name and r.tail:
+                raise TensorlangError(
+                    f"split of {ss.stage}.{name}: it is the outer loop of the split of "
+                    f"{r.parent!r} by {r.factor} that leaves a tail of {r.tail}; split "
+                    f"{r.inner!r} or {r.parent!r} by a divisor instead")
         outer, inner = self._fresh(ss, name + "o"), self._fresh(ss, name + "i")
+        # the tail: the remainder of the largest extent the loop takes that leaves one (a loop
+        # that is itself the inner part of a split with a tail takes several extents)
+        tail = next((n % factor for n in sorted(extent_set(ss, name), reverse=True)
+                     if n % factor), 0)
         ss2 = dataclasses.replace(
             ss,
             vars=ss.vars + (Var(outer, -(-v.extent // factor), v.kind), Var(inner, factor, v.kind)),
             order=tuple(x for o in ss.order for x in ((outer, inner) if o == name else (o,))),
-            relations=ss.relations + (Split(name, outer, inner, factor, v.extent % factor),),
+            relations=ss.relations + (Split(name, outer, inner, factor, tail),),
         )
-        self.state = self.state.put(ss2)
+        self._commit(self.state.put(ss2), "split")
         self._record("split", ss.stage, [name, factor], loops=[0])
         return LoopVar(outer, ss.stage), LoopVar(inner, ss.stage)
 
@@ -325,9 +567,7 @@ class Schedule:
         order = list(ss.order)
         for slot, n in zip(slots, names):
             order[slot] = n
-        order = tuple(order)
-        self._check_tail_order(ss, order, "reorder")
-        self.state = self.state.put(dataclasses.replace(ss, order=order))
+        self._commit(self.state.put(dataclasses.replace(ss, order=tuple(order))), "reorder")
         self._record("reorder", ss.stage, names, loops=list(range(len(names))))
 
     def fuse(self, a, b, stage=None) -> LoopVar:
@@ -342,18 +582,17 @@ class Schedule:
         if va.kind != vb.kind:
             raise TensorlangError(f"fuse of {ss.stage}.{na} and {nb}: cannot fuse a spatial "
                                   "loop with a reduction loop")
-        for r in ss.relations:
-            if isinstance(r, Split) and r.tail and nb == r.inner:
-                raise TensorlangError(f"fuse of {ss.stage}.{na} and {nb}: {nb!r} comes from a "
-                                      f"split with a tail of {r.tail}")
         for x in (na, nb):
             if x in ss.tile_vars() or x in dict(ss.pipelined) or x in ss.unrolled:
-                raise TensorlangError(f"fuse of {ss.stage}.{x}: annotate after fusing")
+                raise TensorlangError(f"fuse of {ss.stage}.{na} and {nb}: {x!r} is already "
+                                      "annotated (partition/vectorize/tensorize/pipeline/unroll); "
+                                      "fuse first, then annotate")
+            self._check_own_layout(ss, x, "fuse")
         fused = self._fresh(ss, f"{na}_{nb}")
         order = ss.order[:ia] + (fused,) + ss.order[ib + 1:]
         ss2 = dataclasses.replace(ss, vars=ss.vars + (Var(fused, va.extent * vb.extent, va.kind),),
                                   order=order, relations=ss.relations + (Fuse(na, nb, fused),))
-        self.state = self.state.put(ss2)
+        self._commit(self.state.put(ss2), "fuse")
         self._record("fuse", ss.stage, [na, nb], loops=[0, 1])
         return LoopVar(fused, ss.stage)
 
@@ -372,7 +611,8 @@ class Schedule:
                                   "loop; only tensorize('matmul') puts a reduction on partitions")
         if name in ss.vectorized or name == ss.tensorized:
             raise TensorlangError(f"partition: {ss.stage}.{name} is already vectorized/tensorized")
-        self.state = self.state.put(dataclasses.replace(ss, partition=name))
+        self._check_tile_loop(ss, name, "partition")
+        self._commit(self.state.put(dataclasses.replace(ss, partition=name)), "partition")
         self._record("partition", ss.stage, [name], loops=[0])
 
     def vectorize(self, loop, stage=None):
@@ -393,11 +633,13 @@ class Schedule:
             raise TensorlangError(
                 f"vectorize {ss.stage}.{name}: the tile's free size would be {free} elements > "
                 f"{limit} ({'matmul N' if ss.tensorized else 'free elements per instruction'})")
-        for r in ss.relations:
-            if isinstance(r, Split) and r.tail and r.outer == name:
-                raise TensorlangError(f"vectorize {ss.stage}.{name}: it is the outer loop of a "
-                                      f"split with a tail of {r.tail}")
-        self.state = self.state.put(dataclasses.replace(ss, vectorized=ss.vectorized + (name,)))
+        if ss.tensorized and ss.var(name).kind == "reduce":
+            raise TensorlangError(f"vectorize {ss.stage}.{name}: the stage is tensorized over "
+                                  f"{ss.tensorized!r}; a matmul reduces only over the partitions, "
+                                  "so a reduction loop cannot be vectorized")
+        self._check_tile_loop(ss, name, "vectorize", fused_ok=True)
+        self._commit(self.state.put(dataclasses.replace(ss, vectorized=ss.vectorized + (name,))),
+                     "vectorize")
         self._record("vectorize", ss.stage, [name], loops=[0])
 
     def unroll(self, loop, stage=None):
@@ -407,7 +649,10 @@ class Schedule:
             raise TensorlangError(f"unroll: {ss.stage}.{name} is a tile loop (partition/vectorize)")
         if ss.var(name).extent > 64:
             raise TensorlangError(f"unroll {ss.stage}.{name}: extent {ss.var(name).extent} > 64")
-        self.state = self.state.put(dataclasses.replace(ss, unrolled=ss.unrolled + (name,)))
+        if name in ss.unrolled:
+            return
+        self._commit(self.state.put(dataclasses.replace(ss, unrolled=ss.unrolled + (name,))),
+                     "unroll")
         self._record("unroll", ss.stage, [name], loops=[0])
 
     def tensorize(self, loop, intrinsic: str = "matmul", stage=None):
@@ -441,7 +686,8 @@ class Schedule:
         if free > spec.matmul_max_n:
             raise TensorlangError(f"tensorize {ss.stage}: moving free size {free} > "
                                   f"{spec.matmul_max_n} (matmul N limit)")
-        self.state = self.state.put(dataclasses.replace(ss, tensorized=name))
+        self._check_tile_loop(ss, name, "tensorize")
+        self._commit(self.state.put(dataclasses.replace(ss, tensorized=name)), "tensorize")
         self._record("tensorize", ss.stage, [name, intrinsic], loops=[0])
 
     def pipeline(self, loop, depth: int = 2, stage=None):
@@ -450,10 +696,11 @@ class Schedule:
         name = self._loop(ss, loop, "pipeline")
         if name in ss.tile_vars():
             raise TensorlangError(f"pipeline: {ss.stage}.{name} is a tile loop, not a loop")
-        if not isinstance(depth, int) or not 1 <= depth <= 8:
-            raise TensorlangError(f"pipeline {ss.stage}.{name}: depth {depth!r} must be 1..8")
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 8:
+            raise TensorlangError(f"pipeline {ss.stage}.{name}: depth {depth!r} must be an "
+                                  "integer 1..8 (the number of buffer slots that rotate)")
         pl = tuple(p for p in ss.pipelined if p[0] != name) + ((name, depth),)
-        self.state = self.state.put(dataclasses.replace(ss, pipelined=pl))
+        self._commit(self.state.put(dataclasses.replace(ss, pipelined=pl)), "pipeline")
         self._record("pipeline", ss.stage, [name, depth], loops=[0])
 
     # -- producer / consumer -----------------------------------------------------------------------
@@ -476,8 +723,27 @@ class Schedule:
                                   f"outside the tile ({', '.join(cs.loops())})")
         if ps.inline:
             raise TensorlangError(f"compute_at: {ps.stage!r} is inlined")
+        if self.prog.tensors[pst.tensor].kind == "output":
+            raise TensorlangError(f"compute_at {ps.stage!r}: {pst.tensor!r} is a kernel output; "
+                                  "outputs are computed by their own loop nest")
+        for st in self.prog.stages:
+            if any(ld.tensor == pst.tensor and ld.pad is not None for ld in st.reads()):
+                raise TensorlangError(f"compute_at {ps.stage!r}: stage {st.name!r} reads "
+                                      f"{pst.tensor!r} with padding; a padded read needs the "
+                                      "tensor in HBM")
+        for r in ps.relations:
+            v = r.parent if isinstance(r, Split) else r.outer
+            if ps.var(v).kind == "spatial":
+                raise TensorlangError(
+                    f"compute_at {ps.stage!r}: it has its own spatial loop transformations "
+                    f"({v!r}); a stage computed at a consumer takes its spatial layout from it")
+        if ps.partition or any(ps.var(v).kind == "spatial" for v in ps.vectorized):
+            raise TensorlangError(f"compute_at {ps.stage!r}: it has its own partition/vectorized "
+                                  "spatial loops; a stage computed at a consumer takes its "
+                                  "spatial layout from it")
         _check_simple_store(pst, "compute_at")
-        self.state = self.state.put(dataclasses.replace(ps, attach=(cs.stage, name)))
+        self._commit(self.state.put(dataclasses.replace(ps, attach=(cs.stage, name))),
+                     "compute_at")
         self._record("compute_at", None, [ps.stage, name], kwargs={"consumer": cs.stage})
 
     def _reads_transitively(self, stage: str, tensor: str) -> bool:
@@ -503,7 +769,12 @@ class Schedule:
         if ss.attach:
             raise TensorlangError(f"compute_inline: {ss.stage!r} is already computed at "
                                   f"{ss.attach[0]}.{ss.attach[1]}")
-        self.state = self.state.put(dataclasses.replace(ss, inline=True))
+        for c in self.prog.consumers(st.tensor):
+            if any(ld.tensor == st.tensor and ld.pad is not None for ld in c.reads()):
+                raise TensorlangError(f"compute_inline {ss.stage!r}: stage {c.name!r} reads "
+                                      f"{st.tensor!r} with padding; a padded read needs the "
+                                      "tensor in HBM", st.loc)
+        self._commit(self.state.put(dataclasses.replace(ss, inline=True)), "compute_inline")
         self._record("compute_inline", None, [ss.stage])
 
     def cache_read(self, tensor: str, mem: str, at, consumer=None):
@@ -520,8 +791,9 @@ class Schedule:
         if name in cs.tile_vars():
             raise TensorlangError(f"cache_read of {tensor!r}: {cs.stage}.{name} is a tile loop")
         crs = tuple(c for c in self.state.cache_reads if not (c.tensor == tensor and c.stage == cs.stage))
-        self.state = dataclasses.replace(self.state,
-                                         cache_reads=crs + (CacheRead(tensor, mem, cs.stage, name),))
+        self._commit(dataclasses.replace(self.state,
+                                         cache_reads=crs + (CacheRead(tensor, mem, cs.stage, name),)),
+                     "cache_read")
         self._record("cache_read", None, [tensor, mem, name], kwargs={"consumer": cs.stage})
 
     def cache_write(self, stage, mem: str = "sbuf", at=None):
@@ -533,7 +805,8 @@ class Schedule:
         at_name = None
         if at is not None:
             at_name = self._loop(ss, at, "cache_write")
-        self.state = self.state.put(dataclasses.replace(ss, cache_write=(mem, at_name)))
+        self._commit(self.state.put(dataclasses.replace(ss, cache_write=(mem, at_name))),
+                     "cache_write")
         self._record("cache_write", None, [ss.stage, mem], kwargs={"at": at_name})
 
     # -- build ----------------------------------------------------------------------------------------
