@@ -283,3 +283,16 @@ def test_softmax_reduce_output_is_a_write():
     act = [i for i, _ in sim.walk_instrs(prog.body) if i.op == "activation"]
     assert act[0].dst2 is not None and act[0].attr("dst2") is None
     assert act[1].srcs[0] == act[0].dst2
+
+
+@pytest.mark.parametrize("spec", [TRN1, TRN2], ids=lambda s: s.name)
+def test_each_memory_knob_alone_is_never_slower(spec):
+    # complements test_timing's "more bandwidth never slower" (both knobs at once)
+    progs = (examples.matmul_program(512, 1024, 512, bufs=2, spec=spec),
+             examples.softmax_program(512, 1024, bufs=1, spec=spec))
+    better = ({"dma_queue_gbps": 1.5 * spec.dma_queue_gbps}, {"hbm_gbps": 1.5 * spec.hbm_gbps},
+              {"dma_fixed_ns": spec.dma_fixed_ns / 2})
+    for prog in progs:
+        base = sim.simulate(prog, spec).time_ns
+        for kw in better:
+            assert sim.simulate(prog, spec.replace(**kw)).time_ns <= base, (prog.name, kw)
