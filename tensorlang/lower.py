@@ -273,7 +273,7 @@ def inline_stages(prog: Program, sched: Schedule) -> Program:
     inl = [ss.stage for ss in sched.state.stages if ss.inline]
     stages = list(prog.stages)
     for name in inl:
-        p = prog.stage(name)
+        p = next(st for st in stages if st.name == name)  # with earlier inlines substituted
         axis_of_dim = [ix.terms[0][0] for ix in p.index]
 
         def sub(e, p=p, axis_of_dim=axis_of_dim):
@@ -1181,7 +1181,7 @@ def add_hooks(lw: Lowerer, job: Job, st: Stage, sched: Schedule):
     for ps in sched.state.stages:
         if ps.attach and ps.attach[0] == st.name:
             at = atom(ps.attach[1])
-            p = sched.prog.stage(ps.stage)
+            p = lw.prog.stage(ps.stage)  # the program with inlined stages substituted
             job.hooks.setdefault(at, []).append(
                 lambda env, p=p, at=at: hoist(lw, job, p.tensor, at, env, producer=p))
 

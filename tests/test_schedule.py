@@ -39,6 +39,27 @@ def load_example(name):
     return mod
 
 
+@tl.kernel
+def scaled_softmax(X, b):
+    """Elementwise intermediates (for compute_inline / compute_at) feeding reductions."""
+    M, N = X.shape
+    T = tl.tensor((M, N), "float32")
+    E = tl.tensor((M, N), "float32")
+    total = tl.tensor((M,), "float32")
+    Y = tl.tensor((M, N), X.dtype)
+    for i, j in tl.grid(M, N):
+        T[i, j] = X[i, j] * 0.5 + b[j]
+    for i, j in tl.grid(M, N):
+        E[i, j] = tl.exp(T[i, j])
+    for i in tl.grid(M):
+        total[i] = 0.0
+        for j in tl.reduce(N):
+            total[i] += E[i, j]
+    for i, j in tl.grid(M, N):
+        Y[i, j] = E[i, j] / total[i]
+    return Y
+
+
 # ---------------------------------------------------------------------------------------
 # the example kernels at small shapes (one dim > 128 here and there, to exercise tails of
 # the partition split)
@@ -54,15 +75,17 @@ KERNELS = {
     "rmsnorm": ("rmsnorm", "rmsnorm", lambda dt: [((136, 40), dt), ((40,), dt)], {}),
     "attention": ("attention", "attention", lambda dt: [((2, 16, 8), dt)] * 3, {"causal": True}),
     "mlp": ("mlp", "gelu_linear", lambda dt: [((24, 48), dt), ((48, 40), dt), ((40,), dt)], {}),
+    "scaled_softmax": (None, scaled_softmax, lambda dt: [((20, 36), dt), ((36,), dt)], {}),
 }
 DTYPES = ("float32", "bfloat16")
+
 
 
 @functools.lru_cache(maxsize=None)
 def case(name: str, dtype: str):
     """(program, inputs, reference outputs) for one example kernel at its small shape."""
     module, fn, shapes, kwargs = KERNELS[name]
-    kern = getattr(load_example(module), fn)
+    kern = getattr(load_example(module), fn) if module else fn
     shapes = shapes(dtype)
     prog = kern.trace(*[tl.spec(s, d) for s, d in shapes], **kwargs)
     scale = 0.3 if name in ("mlp", "matmul", "bmm") else 1.0
@@ -154,13 +177,16 @@ def draw_step(s: tl.Schedule, draw) -> tuple[str, list, dict] | None:
         at = draw.choice([None] + list(loops))
         return op, [name, draw.choice(["sbuf", "psum"])], {"at": at}
     if op == "compute_at":
-        # a producer of something this stage reads, at one of this stage's loops
-        prods = [p for p in live if p.stage != name]
+        # mostly a producer of something this stage reads, at one of its non-tile loops
+        reads = {ld.tensor for ld in s.prog.stage(name).reads()}
+        prods = [p for p in live if s.prog.stage(p.stage).tensor in reads] or \
+            [p for p in live if p.stage != name]
+        outer = [lp for lp in loops if str(lp) not in ss.tile_vars()] or loops
         if not prods:
             return None
-        return op, [draw.choice(prods).stage, draw.choice(loops)], {}
+        return op, [draw.choice(prods).stage, draw.choice(outer)], {}
     if op == "compute_inline":
-        return op, [name], {}
+        return op, [draw.choice(live).stage], {}
     raise AssertionError(op)
 
 
