@@ -169,6 +169,7 @@ def make_storage(storage):
         return storage
     s = str(storage)
     if "://" in s:
+        s = _pg_driver(s)
         try:
             return optuna.storages.RDBStorage(s, engine_kwargs={"pool_pre_ping": True})
         except Exception as e:  # noqa: BLE001  (driver missing, server down, bad URL)
@@ -177,6 +178,15 @@ def make_storage(storage):
     from optuna.storages.journal import JournalFileBackend  # noqa: PLC0415
     Path(s).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(s))
+
+
+def _pg_driver(url: str) -> str:
+    """postgresql:// means psycopg (v3) to SQLAlchemy >= 2.1; use psycopg2 when only it is there."""
+    import importlib.util  # noqa: PLC0415
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def default_study_name(prog: Program, machine, kernel: str | None) -> str:
