@@ -391,8 +391,9 @@ class Lowerer:
     def level(self):
         return Lowerer._Level(self)
 
-    def alloc(self, mem: str, nbytes: int, name: str, env: Env) -> Lin:
-        """Stack-allocate `nbytes` per partition; multi-slot inside a pipelined loop."""
+    def alloc(self, mem: str, nbytes: int, name: str, env: Env, what: str = "") -> Lin:
+        """Stack-allocate `nbytes` per partition; multi-slot inside a pipelined loop.
+        `what` names the schedule step that asked for the buffer in an overflow message."""
         spec = self.spec
         rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
         if mem == "psum":
@@ -409,11 +410,15 @@ class Lowerer:
         top = self.psum_top if mem == "psum" else self.sbuf_top
         cap = spec.psum_partition_bytes if mem == "psum" else spec.sbuf_partition_bytes
         if top + size > cap:
-            live = ", ".join(f"{n} {b / 1024:.1f} KiB" for n, b in self.live if n.startswith(mem))
+            live = ", ".join(f"{n.split(':', 1)[1]} {b / 1024:.1f} KiB" for n, b in self.live
+                             if n.startswith(mem))
+            total = spec.psum_bytes if mem == "psum" else spec.sbuf_bytes
             raise TensorlangError(
-                f"{mem.upper()} overflow on {spec.name}: tile {name!r} needs {size / 1024:.1f} KiB per "
-                f"partition ({depth} slot(s)) with {top / 1024:.1f} KiB in use [{live}]; "
-                f"{spec.name} has {cap / 1024:.0f} KiB per partition")
+                f"{what + ': ' if what else ''}{mem.upper()} overflow on {spec.name}: tile {name!r} "
+                f"needs {size / 1024:.1f} KiB per partition ({depth} slot(s); "
+                f"{size * spec.partitions / 2**20:.1f} MiB over {spec.partitions} partitions) with "
+                f"{top / 1024:.1f} KiB in use{f' [{live}]' if live else ''}; {spec.name} has "
+                f"{cap / 1024:.0f} KiB per partition ({total / 2**20:.0f} MiB)")
         bname = self.fresh(name)
         self.buffers.append(isa.Buffer(bname, mem, top, size))
         self.live.append((f"{mem}:{bname}", size))
@@ -1088,10 +1093,15 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
         pb = any(ix.coef(job.part) for ix in b.index)
         fa = any(ix.coef(f) for ix in a.index for f in job.free)
         fb = any(ix.coef(f) for ix in b.index for f in job.free)
-        if (pa and fa) or (pb and fb):
-            raise TensorlangError(f"tensorize {st.name!r}: an operand depends on both the partition "
-                                  "loop and a vectorized loop; a matmul needs [K,M] x [K,N] operands",
-                                  st.loc)
+        if (pa and fa) or (pb and fb) or (pa and pb):
+            where = ""
+            if spatial_map is not None:
+                c, at = lw.attached[st.name]
+                where = (f" computed at {c}.{at}, whose tile (partition {job.part!r}, vectorized "
+                         f"{', '.join(job.free) or 'none'}) is its layout")
+            raise TensorlangError(f"tensorize {st.name!r}{where}: an operand depends on both the "
+                                  "partition loop and a vectorized loop (or both operands on the "
+                                  "partition loop); a matmul needs [K,M] x [K,N] operands", st.loc)
         job.ops = (a, b) if (pa or fb) and not (pb or fa) else (b, a)
         dts = [lw.tensors[x.tensor].dtype for x in (a, b)]
         job.mm_dtype = dts[0] if dts[0] == dts[1] else max(dts, key=lambda d: ITEMSIZE[d])
@@ -1228,7 +1238,10 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
         nslots = 1
         for u in slots:
             nslots *= nom[u]
-        base, bname = lw.alloc("sbuf", nslots * per * ITEMSIZE[dtype], f"{tensor}_cache", env)
+        what = (f"cache_read of {tensor!r} at {job.stage}.{at}" if producer is None else
+                f"compute_at of {producer.name!r} at {job.stage}.{at}")
+        base, bname = lw.alloc("sbuf", nslots * per * ITEMSIZE[dtype], f"{tensor}_cache", env,
+                               what)
         slot_stride, s = {}, per
         for u in reversed(slots):
             slot_stride[u] = s

@@ -514,7 +514,7 @@ class Schedule:
                                   "integer >= 1")
         if factor > v.extent:
             raise TensorlangError(f"split of {ss.stage}.{name}: factor {factor} > extent "
-                                  f"{v.extent}")
+                                  f"{v.extent} of the loop; a factor must be 1..{v.extent}")
         if any(isinstance(r, Fuse) and r.fused == name for r in ss.relations):
             raise TensorlangError(f"split of {ss.stage}.{name}: a fused loop cannot be split; "
                                   "split before fusing")
@@ -717,7 +717,10 @@ class Schedule:
             raise TensorlangError(f"compute_at: {ps.stage!r} comes after {cs.stage!r} in the "
                                   "program; a producer must come first")
         if not self._reads_transitively(cs.stage, pst.tensor):
-            raise TensorlangError(f"compute_at: stage {cs.stage!r} does not read {pst.tensor!r}")
+            readers = [c.name for c in self.prog.consumers(pst.tensor)]
+            raise TensorlangError(f"compute_at {ps.stage!r} at {cs.stage}.{name}: stage "
+                                  f"{cs.stage!r} does not read {pst.tensor!r}; a stage is computed "
+                                  f"at one of its consumers ({', '.join(readers) or 'none'})")
         if name in cs.tile_vars():
             raise TensorlangError(f"compute_at: {cs.stage}.{name} is a tile loop; choose a loop "
                                   f"outside the tile ({', '.join(cs.loops())})")
