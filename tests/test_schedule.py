@@ -233,7 +233,7 @@ def check_schedule(s: tl.Schedule, prog, inputs, ref, dtype, log):
     return "ok"
 
 
-@settings(max_examples=int(os.environ.get("TENSORLANG_SCHEDULE_EXAMPLES", 300)), deadline=None,
+@settings(max_examples=int(os.environ.get("TENSORLANG_SCHEDULE_EXAMPLES", 400)), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_random_legal_schedules_keep_values(data):
