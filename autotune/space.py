@@ -299,9 +299,13 @@ def _contraction(s: Schedule, cfg: Config, st, spec):
     batch, (i, j) = axes[:-2], axes[-2:]
     (k,) = s.reduce_axes(n)[-1:]
     M, N, K = (st.extents()[a] for a in (i, j, k))
-    tm = cfg.split(f"{n}.tm", M, max=spec.partitions, pow2=M & (M - 1) == 0)
-    tn = cfg.split(f"{n}.tn", N, max=spec.matmul_max_n, pow2=N & (N - 1) == 0)
-    tk = cfg.split(f"{n}.tk", K, max=spec.pe_rows, pow2=K & (K - 1) == 0)
+    # tiles below a quarter of the engine's size only add instructions: leave them out
+    tm = cfg.split(f"{n}.tm", M, min=min(M, spec.partitions // 4), max=spec.partitions,
+                   pow2=M & (M - 1) == 0)
+    tn = cfg.split(f"{n}.tn", N, min=min(N, spec.matmul_max_n // 8), max=spec.matmul_max_n,
+                   pow2=N & (N - 1) == 0)
+    tk = cfg.split(f"{n}.tk", K, min=min(K, spec.pe_rows // 4), max=spec.pe_rows,
+                   pow2=K & (K - 1) == 0)
     bm = cfg.split(f"{n}.bm", M // tm, max=16, pow2=True)  # tiles per block (second level)
     bn = cfg.split(f"{n}.bn", N // tn, max=16, pow2=True)
     io, ii = s.split(i, tm)

@@ -352,3 +352,48 @@ def test_two_workers_on_postgresql(tmp_path, postgres):
     assert out.returncode == 0, out.stderr
     assert "DONE 12" in out.stdout
     _check_exact(postgres, 12)
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_tune_file_and_records(tmp_path, capsys):
+    from tensorlang.cli import main
+    db = tmp_path / "r.db"
+    rc = main(["tune", str(ROOT / "examples" / "matmul.py"), "--shape", "128,128", "--trials", "4",
+               "--records", str(db), "--json"])
+    assert rc == 0
+    import json
+    out = json.loads(capsys.readouterr().out)
+    assert out["trials"] == 4 and out["cycles"] <= out["default_cycles"]
+    assert main(["records", "list", "--db", str(db)]) == 0
+    assert "matmul(bfloat16[128,128],bfloat16[128,128])" in capsys.readouterr().out
+    assert main(["records", "export", str(tmp_path / "r.jsonl"), "--db", str(db)]) == 0
+    (tmp_path / "bad.jsonl").write_text((tmp_path / "r.jsonl").read_text() + "{oops\n")
+    n = len(Records(db))
+    assert main(["records", "import", str(tmp_path / "bad.jsonl"), "--db", str(db)]) == 2
+    assert "bad.jsonl:" in capsys.readouterr().err and len(Records(db)) == n
+
+
+def test_cli_sweep_with_a_what_if_machine(tmp_path, capsys):
+    from tensorlang.cli import main
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(textwrap.dedent(f"""
+        trials = 3
+        machines = ["trn2"]
+        [[variant]]
+        name = "trn2-half-sbuf"
+        base = "trn2"
+        replace = {{ sbuf_bytes = 14680064 }}
+        [[kernel]]
+        file = "{ROOT / 'examples' / 'matmul.py'}"
+        shapes = [[[128, 128], [128, 256]]]
+    """))
+    assert main(["sweep", str(spec), "--json"]) == 0
+    text = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert text[0].startswith("kernel,shape,machine,cycles") and len(text) == 3
+    assert "trn2-half-sbuf" in text[2]
+    spec.write_text("trials = 3\n")
+    assert main(["sweep", str(spec)]) == 2
+    assert "needs at least one [[kernel]] table" in capsys.readouterr().err
