@@ -234,6 +234,155 @@ def cmd_trace(args):
 cmd_trace.add = lambda p: _add_target(p, trace_out=True)
 
 
+# -- tune / sweep / records (autotune) -------------------------------------------------------
+
+def _tune_target(args):
+    """(kernel record name, prog, template or None) for `tune`: a library kernel or a file."""
+    import kernels  # noqa: PLC0415
+    if args.target in kernels.LIBRARY:
+        from kernels.shapes import workload  # noqa: PLC0415
+        kf = kernels.LIBRARY[args.target]
+        specs, static = workload(args.target, _dims(args.shape) if args.shape else None,
+                                 args.dtype)
+        prog = kf.trace(*specs, **static)
+        template = None
+        if args.space == "template":
+            from kernels.tune_library import tunable  # noqa: PLC0415
+            template = tunable(kf, prog)
+        return kf.record_name(static), prog, template
+    kern, specs, static = _load_file(args)
+    return kern.name, kern.trace(*specs, **static), None
+
+
+def _trial_row(name, prog, machine, t, default=None):
+    row = {"kernel": name, "shape": _shape_text(prog), "machine": machine,
+           "cycles": f"{t.cycles:,}", "time_us": f"{t.time_us:.2f}",
+           "roofline": f"{t.roofline_fraction:.3f}"}
+    if default is not None and default.cycles:
+        row["vs default"] = f"{default.cycles / t.cycles:.2f}x"
+    return row
+
+
+@command("tune", "autotune a kernel's schedule (Optuna over the generated or template space)")
+def cmd_tune(args):
+    import autotune  # noqa: PLC0415
+    name, prog, template = _tune_target(args)
+    res = autotune.tune(prog, template=template, machine=args.machine, trials=args.trials,
+                        storage=args.storage, workers=args.workers, seed=args.seed,
+                        sampler=args.sampler, early_stop=args.early_stop,
+                        progress=not args.json, plot=args.plot,
+                        records=None if args.no_records else autotune.Records(args.records),
+                        study_name=args.study, kernel=name)
+    b = res.best
+    obj = {"kernel": name, "workload": autotune.workload_key(prog), "machine": args.machine,
+           "cycles": b.cycles, "time_us": b.time_us, "roofline_fraction": b.roofline_fraction,
+           "config": b.config, "schedule": b.schedule, "trials": len(res.trials),
+           "default_cycles": res.default.cycles if res.default else None}
+    if args.json:
+        _emit(args, obj)
+        return
+    print(_table([_trial_row(name, prog, args.machine, b, res.default)]))
+    print(f"best config: {b.config}")
+
+
+def _add_tune(p):
+    _add_target(p)
+    p.add_argument("--shapes", dest="shape", help=argparse.SUPPRESS)
+    p.add_argument("--trials", type=int, default=300, help="total trials of the study (default 300)")
+    p.add_argument("--sampler", default="tpe", help="tpe (default), random, grid, cmaes, gp")
+    p.add_argument("--storage", default=None,
+                   help="study storage: a journal file path or an Optuna URL (sqlite:///..., "
+                        "postgresql://...); re-running with the same storage resumes")
+    p.add_argument("--study", default=None, help="study name (default: kernel|workload|machine)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (needs --storage)")
+    p.add_argument("--early-stop", type=int, default=None,
+                   help="stop after this many trials without improvement")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a convergence plot")
+    p.add_argument("--records", default=None,
+                   help="records DB (default: $TENSORLANG_RECORDS or ~/.cache/tensorlang/records.db)")
+    p.add_argument("--no-records", action="store_true", help="do not read or write records")
+    p.add_argument("--space", choices=("generated", "template"), default="generated",
+                   help="library kernels: search the generated space or the expert template's "
+                        "parameters (default generated)")
+
+
+cmd_tune.add = _add_tune
+
+
+@command("sweep", "tune kernels x shapes x machines from a TOML spec; CSV + table (+ plot)")
+def cmd_sweep(args):
+    from pathlib import Path  # noqa: PLC0415
+
+    from autotune.sweep import file_resolver, run_sweep  # noqa: PLC0415
+    by_file = file_resolver(Path(args.spec).parent)
+
+    def resolve(entry, shape, dtype):
+        if "file" in entry:
+            return by_file(entry, shape, dtype)
+        import kernels  # noqa: PLC0415
+        from kernels.shapes import workload  # noqa: PLC0415
+        kf = kernels.LIBRARY.get(entry["name"])
+        if kf is None:
+            from .ir import TensorlangError  # noqa: PLC0415
+            raise TensorlangError(f"sweep: no library kernel {entry['name']!r}; kernels are: "
+                                  f"{', '.join(sorted(kernels.LIBRARY))}")
+        specs, static = workload(entry["name"], tuple(shape), dtype)
+        return kf.record_name(static), kf.trace(*specs, **static)
+
+    rows = run_sweep(args.spec, resolve, csv_path=args.csv, plot=args.plot, progress=not args.json)
+    _emit(args, rows, rows)
+
+
+def _add_sweep(p):
+    p.add_argument("spec", metavar="SPEC.toml", help="the sweep: kernels, shapes, machines, trials")
+    p.add_argument("--csv", default=None, help="CSV output (default: SPEC.csv next to the spec)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="bar chart of roofline fractions")
+
+
+cmd_sweep.add = _add_sweep
+
+
+@command("records", "list, export or import tuning records")
+def cmd_records(args):
+    from autotune.records import Records  # noqa: PLC0415
+    db = Records(args.db)
+    if args.action == "list":
+        recs = db.all(args.kernel, args.machine)
+        best = {}
+        for r in recs:  # fastest first: keep the first per (kernel, workload, machine)
+            best.setdefault((r.kernel, r.workload, r.machine), r)
+        shown = recs if args.all else list(best.values())
+        rows = [{"kernel": r.kernel, "workload": r.workload, "machine": r.machine,
+                 "version": r.version, "cycles": r.cycles, "time_us": round(r.time_us, 3),
+                 "roofline": round(r.roofline_fraction, 3)} for r in shown]
+        _emit(args, rows, rows)
+    elif args.action == "export":
+        if not args.file:
+            from .ir import TensorlangError  # noqa: PLC0415
+            raise TensorlangError("records export: give the output FILE.jsonl")
+        n = db.export_jsonl(args.file, args.kernel, args.machine)
+        print(f"exported {n} records to {args.file}")
+    else:
+        if not args.file:
+            from .ir import TensorlangError  # noqa: PLC0415
+            raise TensorlangError("records import: give the input FILE.jsonl")
+        n = db.import_jsonl(args.file)
+        print(f"imported {n} new records from {args.file} into {db.path}")
+
+
+def _add_records(p):
+    p.add_argument("action", choices=("list", "export", "import"))
+    p.add_argument("file", nargs="?", default=None, metavar="FILE.jsonl")
+    p.add_argument("--db", default=None,
+                   help="records DB (default: $TENSORLANG_RECORDS or ~/.cache/tensorlang/records.db)")
+    p.add_argument("--kernel", default=None, help="only this kernel")
+    p.add_argument("--machine", default=None, help="only this machine")
+    p.add_argument("--all", action="store_true", help="list every record, not just the best")
+
+
+cmd_records.add = _add_records
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
