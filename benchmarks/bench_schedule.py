@@ -24,9 +24,10 @@ from matmul import matmul  # noqa: E402
 from softmax import softmax  # noqa: E402
 
 
-def hand_matmul(prog, mt=512, nt=1024, depth=2):
-    """The expert schedule: a 128-row strip block of A (transposed once into SBUF) per mt rows,
-    B streamed in [128 x 512] tiles double-buffered over k, 8 PSUM accumulators."""
+def hand_matmul(prog, mt=512, nt=512, depth=4):
+    """The expert schedule: a strip of mt rows of A, transposed once into SBUF; B streamed in
+    [128 x 512] tiles, `depth`-buffered over k; mt/128 PSUM accumulators, double-buffered
+    over the column blocks (pipeline jo) so the copy-out overlaps the next block."""
     s = prog.schedule()
     i, j = s.axes("C")
     (k,) = s.reduce_axes("C")
@@ -40,6 +41,7 @@ def hand_matmul(prog, mt=512, nt=1024, depth=2):
     s.vectorize(ji)
     s.tensorize(ki, "matmul")
     s.pipeline(ko, depth)
+    s.pipeline(jo, 2)
     s.cache_read("A", "sbuf", io)
     s.cache_read("B", "sbuf", ko)
     return s

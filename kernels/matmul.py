@@ -128,8 +128,8 @@ bmm_algo.name = "bmm"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 3, "cache_a": True}
-SIMPLE = {"mt": 128, "nt": 512, "kt": 128, "mi": 1, "pipe": 2, "cache_a": False}
+DEFAULT = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 4, "pj": 2, "cache_a": True}
+SIMPLE = {"mt": 128, "nt": 512, "kt": 128, "mi": 1, "pipe": 2, "pj": 1, "cache_a": False}
 
 
 def ext(s, loop) -> int:
@@ -154,6 +154,8 @@ def tile_matmul(s, stage: str, cfg: dict, a: str, b: str):
     s.tensorize(ki, "matmul")
     if cfg["pipe"] > 1 and ext(s, ko) > 1:
         s.pipeline(ko, cfg["pipe"])
+    if cfg.get("pj", 1) > 1 and ext(s, jo) > 1:   # double-buffer the PSUM accumulators
+        s.pipeline(jo, cfg["pj"])
     if ioi is not None:
         s.cache_read(b, "sbuf", ko)
     if cfg["cache_a"]:

@@ -20,7 +20,7 @@ from kernels.shapes import MODEL_SHAPES, workload
 
 # the tunable parameters of each template family: name -> options (first = expert default)
 SPACES = {
-    "matmul": {"nt": [512, 256, 128], "mi": [4, 1, 2, 8], "pipe": [3, 1, 2, 4],
+    "matmul": {"nt": [512, 256, 128], "mi": [4, 1, 2, 8], "pipe": [4, 3, 1, 2], "pj": [2, 1],
                "cache_a": [True, False]},
     "conv": {"ot": [128, 64], "ct": [128, 64], "free": [512, 256, 128], "pipe": [2, 1, 3]},
     "norm": {"mt": [128, 64], "pipe": [2, 1, 3], "cache_x": [True, False]},

@@ -411,6 +411,12 @@ class Flat:
     counts: np.ndarray      # static id -> dynamic executions
 
 
+def partition_block(spec: MachineSpec) -> int:
+    """Partitions per bit of the WAW partition mask: writes to disjoint blocks of this many
+    partitions do not order each other."""
+    return max(1, -(-spec.partitions // MASK_BITS))
+
+
 def partition_mask(ap: AP, spec: MachineSpec) -> int:
     """The partition blocks an on-chip operand touches, as a bit mask (partitions grouped
     into MASK_BITS blocks); HBM operands touch every block."""
@@ -419,7 +425,7 @@ def partition_mask(ap: AP, spec: MachineSpec) -> int:
     stride, n = ap.dims[0]
     lo = ap.part + min(0, stride * (n - 1))
     hi = ap.part + max(0, stride * (n - 1))
-    blk = max(1, -(-spec.partitions // MASK_BITS))
+    blk = partition_block(spec)
     lo, hi = max(lo, 0) // blk, min(max(hi, 0) // blk, MASK_BITS - 1)
     return ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)
 

@@ -31,6 +31,7 @@ import numpy as np
 
 import sim
 from sim import isa
+from sim.timing import partition_block
 
 from .dtypes import np_dtype
 from .ir import (ITEMSIZE, REDUCE_IDENTITY, Affine, Binary, Cast, Compare, Const, Expr,
@@ -352,13 +353,10 @@ class Lowerer:
         self.prog, self.sched, self.spec = prog, sched, spec
         self.tensors = prog.tensors
         self.body: list[list] = [[]]
-        self.sbuf_top = 0
-        self.psum_top = 0
-        self.sbuf_peak = 0
         self.buffers: list[isa.Buffer] = []
-        self.live: list[tuple[str, int]] = []
+        self.live: list[tuple[str, int, int, str]] = []   # (mem, offset, size, name) in scope
+        self.cursor = {"sbuf": 0, "psum": 0}              # next-fit placement (see place())
         self.memo: list[dict] = [{}]
-        self.queue = 0
         self.names: dict[str, int] = {}
         self.scratch: set[str] = set()
         self.attached = {ss.stage: ss.attach for ss in sched.state.stages if ss.attach}
@@ -379,21 +377,45 @@ class Lowerer:
 
         def __enter__(self):
             lw = self.lw
-            self.mark = (lw.sbuf_top, lw.psum_top, len(lw.live))
+            self.mark = len(lw.live)
             lw.memo.append({})
 
         def __exit__(self, *exc):
             lw = self.lw
-            lw.sbuf_top, lw.psum_top, n = self.mark
-            del lw.live[n:]
+            del lw.live[self.mark:]
             lw.memo.pop()
 
     def level(self):
         return Lowerer._Level(self)
 
+    def used(self, mem: str) -> int:
+        return sum(size for m, _, size, _ in self.live if m == mem)
+
+    def place(self, mem: str, size: int, align: int) -> int | None:
+        """An offset for `size` bytes per partition clear of every buffer in scope: next fit
+        from where the last allocation ended, wrapping around. Buffers live per loop scope;
+        next fit reuses a freed range as late as possible, so a buffer of the next scope does
+        not alias (and so wait for) the one just released."""
+        cap = self.spec.psum_partition_bytes if mem == "psum" else self.spec.sbuf_partition_bytes
+        gaps, prev = [], 0
+        for lo, hi in sorted((o, o + n) for m, o, n, _ in self.live if m == mem):
+            if lo > prev:
+                gaps.append((prev, lo))
+            prev = max(prev, hi)
+        gaps.append((prev, cap))
+        cur = self.cursor[mem]
+        for lo, hi in gaps + gaps:
+            start = -(-max(lo, cur) // align) * align
+            if start + size <= hi:
+                self.cursor[mem] = start + size
+                return start
+            cur = 0 if hi >= gaps[-1][1] else cur
+        return None
+
     def alloc(self, mem: str, nbytes: int, name: str, env: Env, what: str = "") -> Lin:
-        """Stack-allocate `nbytes` per partition; multi-slot inside a pipelined loop.
-        `what` names the schedule step that asked for the buffer in an overflow message."""
+        """Allocate `nbytes` per partition for the current scope (see place()); multi-slot
+        inside a pipelined loop. `what` names the schedule step that asked for the buffer in
+        an overflow message."""
         spec = self.spec
         rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
         if mem == "psum":
@@ -407,26 +429,20 @@ class Lowerer:
             slot = -(-max(nbytes, 1) // unit) * unit
         depth = rot[1] if rot else 1
         size = slot * depth
-        top = self.psum_top if mem == "psum" else self.sbuf_top
         cap = spec.psum_partition_bytes if mem == "psum" else spec.sbuf_partition_bytes
-        if top + size > cap:
-            live = ", ".join(f"{n.split(':', 1)[1]} {b / 1024:.1f} KiB" for n, b in self.live
-                             if n.startswith(mem))
+        top = self.place(mem, size, unit)
+        if top is None:
+            live = ", ".join(f"{n} {b / 1024:.1f} KiB" for m, _, b, n in self.live if m == mem)
             total = spec.psum_bytes if mem == "psum" else spec.sbuf_bytes
             raise TensorlangError(
                 f"{what + ': ' if what else ''}{mem.upper()} overflow on {spec.name}: tile {name!r} "
                 f"needs {size / 1024:.1f} KiB per partition ({depth} slot(s); "
                 f"{size * spec.partitions / 2**20:.1f} MiB over {spec.partitions} partitions) with "
-                f"{top / 1024:.1f} KiB in use{f' [{live}]' if live else ''}; {spec.name} has "
+                f"{self.used(mem) / 1024:.1f} KiB in use{f' [{live}]' if live else ''}; {spec.name} has "
                 f"{cap / 1024:.0f} KiB per partition ({total / 2**20:.0f} MiB)")
         bname = self.fresh(name)
         self.buffers.append(isa.Buffer(bname, mem, top, size))
-        self.live.append((f"{mem}:{bname}", size))
-        if mem == "psum":
-            self.psum_top += size
-        else:
-            self.sbuf_top += size
-            self.sbuf_peak = max(self.sbuf_peak, self.sbuf_top)
+        self.live.append((mem, top, size, bname))
         base = Lin(top)
         if rot:
             v, d = rot
@@ -440,21 +456,9 @@ class Lowerer:
         if body:
             self.emit(isa.Loop(var, extent, tuple(body)))
 
-    def next_queue(self) -> str:
-        q = f"q{self.queue % self.spec.dma_queues}"
-        self.queue += 1
-        return q
-
     def dma(self, dst: isa.AP, src: isa.AP):
-        """One DMA per piece of about DMA_PIECE_BYTES, split along the first dimension."""
-        P = dst.dims[0][1]
-        nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
-        pieces = max(1, min(self.spec.dma_queues, P, nbytes // DMA_PIECE_BYTES))
-        step = -(-P // pieces)
-        for s0 in range(0, P, step):
-            n = min(step, P - s0)
-            self.emit(isa.Instr.make("dma", self.next_queue(), _sub_ap(dst, s0, n),
-                                     (_sub_ap(src, s0, n),)))
+        """One whole-tile DMA; `assign_queues` splits it over the DMA queues at the end."""
+        self.emit(isa.Instr.make("dma", "q0", dst, (src,)))
 
     # -- values -----------------------------------------------------------------------------
     def tile(self, P: int, deps, ext, dtype, name, env, mem="sbuf") -> Val:
@@ -623,17 +627,18 @@ class Lowerer:
         rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
         depth = rot[1] if rot else 1
         size = n * depth * spec.psum_bank_bytes
-        if self.psum_top + size > spec.psum_partition_bytes:
+        top = self.place("psum", size, spec.psum_bank_bytes)
+        if top is None:
             raise TensorlangError(
                 f"PSUM overflow on {spec.name}: {name!r} needs {n * depth} banks ({n} tiles x "
-                f"{depth} slots) with {self.psum_top // spec.psum_bank_bytes} in use; "
+                f"{depth} slots) with {self.used('psum') // spec.psum_bank_bytes} in use; "
                 f"{spec.name} has {spec.psum_banks}")
         bname = self.fresh(name)
-        self.buffers.append(isa.Buffer(bname, "psum", self.psum_top, size))
-        base = Lin(self.psum_top)
+        self.buffers.append(isa.Buffer(bname, "psum", top, size))
+        self.live.append(("psum", top, size, bname))
+        base = Lin(top)
         if rot:
             base = base + Lin(0, ((rot[0], n * spec.psum_bank_bytes, rot[1]),))
-        self.psum_top += size
         return base, bname
 
     def acc_val(self, job: Job, env: Env) -> Val:
@@ -780,14 +785,15 @@ class Lowerer:
                 and ext[part] > 1 and ext[deps[0]] <= self.spec.partitions
                 and ext[part] * 4 <= self.spec.psum_bank_bytes)
 
-    def transpose_into(self, nat: Val, v: Val, part: str, f: str, ext, env: Env):
-        """v[part, f] = nat[f, part]: a tensor-engine transpose into PSUM, copied out by act."""
+    def transpose_into(self, nat: Val, v: Val, part: str, f: str, ext, env: Env, engine="act"):
+        """v[part, f] = nat[f, part]: a tensor-engine transpose into PSUM, copied out by
+        `engine` (act or dve)."""
         P, F = ext[part], ext[f]
         with self.level():
             ps = self.tile(P, (f,), ext, "float32", f"{nat.name}_T", env, mem="psum")
             self.emit(isa.Instr.make("transpose", "pe", self.ap(ps, P, [f], ext),
                                      (self.ap(nat, F, [part], ext),)))
-            self.emit(isa.Instr.make("tensor_copy", "act", self.ap(v, P, [f], ext),
+            self.emit(isa.Instr.make("tensor_copy", engine, self.ap(v, P, [f], ext),
                                      (self.ap(ps, P, [f], ext),)))
 
     def virtual(self, producer: Stage, ld: Load, part: str, deps, env: Env, ext,
@@ -1145,8 +1151,61 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
     for t in prog.temps:
         if t.name not in attached:
             tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "scratch"))
-    out = isa.Program(prog.name, tuple(tensors), tuple(lw.body[0]), tuple(lw.buffers))
+    body = assign_queues(tuple(lw.body[0]), spec)
+    out = isa.Program(prog.name, tuple(tensors), body, tuple(lw.buffers))
     return out, prog
+
+
+def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
+    """Split every DMA over the DMA queues. Loads and stores (DMAs writing HBM) get their own
+    pools of queues, sized by the bytes each kind moves over the whole program: queues are
+    in-order, so a load queued behind a store (which waits for its tile to be computed) would
+    stall the compute that needs it. Each transfer is cut along its first dimension into up
+    to one piece per queue of its pool (pieces of at least DMA_PIECE_BYTES), assigned round
+    robin. Without both kinds, or with one queue, there is one pool of all queues."""
+    n = spec.dma_queues
+    moved = {False: 0, True: 0}
+    for ins, loops in isa.walk_instrs(body):
+        if ins.op == "dma":
+            mult = 1
+            for lp in loops:
+                mult *= lp.extent
+            moved[ins.dst.mem == "hbm"] += mult * ins.dst.num_elements * ITEMSIZE[ins.dst.dtype]
+    if n < 2 or not moved[False] or not moved[True]:
+        pools = {False: (0, n), True: (0, n)}
+    else:
+        stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
+        pools = {False: (0, n - stores), True: (n - stores, stores)}
+    nxt = {False: 0, True: 0}
+
+    def split(ins: isa.Instr) -> list:
+        kind = ins.dst.mem == "hbm" and pools[True] != pools[False]
+        lo, size = pools[kind]
+        dst, src = ins.dst, ins.srcs[0]
+        P = dst.dims[0][1]
+        nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
+        pieces = max(1, min(size, P, nbytes // DMA_PIECE_BYTES))
+        blk = partition_block(spec)                # pieces on whole partition blocks
+        step = -(-(-(-P // pieces)) // blk) * blk
+        out = []
+        for s0 in range(0, P, step):
+            k = min(step, P - s0)
+            q = f"q{lo + nxt[kind] % size}"
+            nxt[kind] += 1
+            out.append(isa.Instr.make("dma", q, _sub_ap(dst, s0, k), (_sub_ap(src, s0, k),)))
+        return out
+
+    def walk(nodes) -> list:
+        out = []
+        for node in nodes:
+            if isinstance(node, isa.Loop):
+                out.append(dataclasses.replace(node, body=tuple(walk(node.body))))
+            elif node.op == "dma":
+                out.extend(split(node))
+            else:
+                out.append(node)
+        return out
+    return tuple(walk(body))
 
 
 def _check_attachments(prog: Program, sched: Schedule):
@@ -1327,23 +1386,40 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                    isa.AP("hbm", ld.tensor, dtype, off.addr(), ((fl.coef(f), F), (1, span))))
 
             def each(e2, j=0):
-                if j < len(row):
-                    lw.bind_loop(job, row[j], e2, lambda e3: each(e3, j + 1))
+                u = row[j]
+                n_u = lw.nominal(job, u, e2)
+                if j < len(row) - 1 or n_u < 4 or n_u % 2:
+                    if j < len(row) - 1:
+                        lw.bind_loop(job, u, e2, lambda e3: each(e3, j + 1))
+                    else:
+                        lw.bind_loop(job, u, e2, lambda e3: leaf(e3, "act", u, n_u))
                     return
+                # the innermost row loop, unrolled by 2: the PSUM -> SBUF copies alternate
+                # between the scalar and vector engines (one engine alone bounds the fill)
+                v2 = lw.fresh(f"{u}2")
+
+                def pair():
+                    for k, eng in enumerate(("act", "dve")):
+                        e3 = Env(dict(e2.lin), dict(e2.ext), e2.loops + (v2,), dict(e2.pipe))
+                        e3.lin[u] = Lin.var(v2).scale(2) + k
+                        leaf(e3, eng, v2, n_u // 2, key_env=e2.bind(u, Lin.var(u)))
+                lw.loop(v2, n_u // 2, pair)
+
+            def leaf(e2, engine, rot_var, rot_ext, key_env=None):
                 b = base
                 for u in row:
                     b = b + e2.lin[u].scale(coef[u] * ITEMSIZE[dtype])
                 nat = Val("sbuf", b, (part,), (1,), dtype, bname)
                 ext2 = dict(ext)
                 into = slot_val(e2)
-                memo[lw.operand_key(ld, part, deps, e2, ext2)] = slot_val
+                memo[lw.operand_key(ld, part, deps, key_env or e2, ext2)] = slot_val
                 env_t = Env(dict(e2.lin), dict(e2.ext), e2.loops, dict(e2.pipe))
-                if e2.loops:                  # rotate the PSUM transpose tile over free banks
-                    free = (lw.spec.psum_partition_bytes - lw.psum_top) // lw.spec.psum_bank_bytes
-                    n = min(TRANSPOSE_PSUM_SLOTS, free, lw.nominal(job, e2.loops[-1], e2))
+                if e2.loops and e2.loops[-1] == rot_var:   # rotate the PSUM tile over free banks
+                    free = (lw.spec.psum_partition_bytes - lw.used("psum")) // lw.spec.psum_bank_bytes
+                    n = min(TRANSPOSE_PSUM_SLOTS, free, rot_ext)
                     if n > 1:
-                        env_t.pipe[e2.loops[-1]] = n
-                lw.transpose_into(nat, into, part, f, ext2, env_t)
+                        env_t.pipe[rot_var] = n
+                lw.transpose_into(nat, into, part, f, ext2, env_t, engine)
             each(e)
     stage(env)
     return True
