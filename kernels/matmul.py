@@ -156,6 +156,8 @@ def tile_matmul(s, stage: str, cfg: dict, a: str, b: str):
         s.pipeline(ko, cfg["pipe"])
     if cfg.get("pj", 1) > 1 and ext(s, jo) > 1:   # double-buffer the PSUM accumulators
         s.pipeline(jo, cfg["pj"])
+    if cfg.get("pa", 1) > 1 and cfg["cache_a"] and ext(s, ioo) > 1:  # prefetch next A block
+        s.pipeline(ioo, cfg["pa"])
     if ioi is not None:
         s.cache_read(b, "sbuf", ko)
     if cfg["cache_a"]:

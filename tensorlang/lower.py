@@ -1377,7 +1377,11 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
         with lw.level():
             es = Env(dict(e.lin), dict(e.ext), e.loops, dict(e.pipe))
             if outer and e.loops and e.loops[-1] == outer[-1]:
-                es.pipe[outer[-1]] = 2            # double-buffer the staging rows
+                # a staging slot per iteration of the innermost outer loop when they fit
+                # (the next block's rows then load while this block computes), else two
+                n_o = lw.nominal(job, outer[-1], e)
+                fit_all = n_o * span * ITEMSIZE[dtype] <= lw.spec.sbuf_partition_bytes // 4
+                es.pipe[outer[-1]] = n_o if fit_all else 2
             base, bname = lw.alloc("sbuf", span * ITEMSIZE[dtype], f"{ld.tensor}_rows", es)
             skip = {f, part, *row}
             off = lw.split_affine(Affine(tuple((v, c) for v, c in fl.terms if v not in skip),
