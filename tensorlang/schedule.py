@@ -78,22 +78,17 @@ class StageSched:
     cache_write: tuple[str, str | None] | None = None  # (mem, at loop or None = default)
 
     def var(self, name: str) -> Var:
-        for v in self.vars:
-            if v.name == name:
-                return v
-        raise KeyError(name)
+        return _info(self).var[name]
 
     def tile_vars(self) -> tuple[str, ...]:
-        t = tuple(self.vectorized)
-        if self.partition:
-            t = (self.partition,) + t
-        if self.tensorized:
-            t = t + (self.tensorized,)
-        return t
+        return _info(self).tile
 
     def loops(self) -> tuple[str, ...]:
-        tile = set(self.tile_vars())
+        tile = _info(self).tile
         return tuple(v for v in self.order if v not in tile)
+
+    def __getstate__(self):               # the derived-data cache is not part of the value
+        return {k: v for k, v in self.__dict__.items() if k != "_info"}
 
     def depth(self, name: str) -> int:
         return dict(self.pipelined).get(name, 1)
@@ -119,57 +114,129 @@ class State:
         raise KeyError(stage)
 
     def put(self, ss: StageSched) -> "State":
-        return dataclasses.replace(
-            self, stages=tuple(ss if s.stage == ss.stage else s for s in self.stages))
+        return State(tuple(ss if s.stage == ss.stage else s for s in self.stages),
+                     self.cache_reads)
+
+
+def _replace(obj, **changes):
+    """dataclasses.replace for the frozen schedule records, without its per-call field
+    introspection (a schedule step makes several); drops the derived-data cache."""
+    new = object.__new__(type(obj))
+    d = {k: v for k, v in obj.__dict__.items() if k != "_info"}
+    d.update(changes)
+    new.__dict__.update(d)
+    return new
+
+
+class _Info:
+    """Data derived from one StageSched, computed once per state object (states are
+    immutable, so every check of the same stage state reuses it): vars by name, the
+    relation each loop comes from, and memoised closures over the split/fuse tree."""
+
+    def __init__(self, ss: StageSched):
+        self.var = {v.name: v for v in ss.vars}
+        self.up: dict = {}          # loop -> the Split / Fuse that made it
+        self.split: dict = {}       # parent -> its Split
+        self.fuse: dict = {}        # fused loop -> its Fuse
+        for r in ss.relations:
+            if isinstance(r, Split):
+                self.up[r.outer] = self.up[r.inner] = r
+                self.split[r.parent] = r
+            else:
+                self.up[r.fused] = r
+                self.fuse[r.fused] = r
+        t = tuple(ss.vectorized)
+        if ss.partition:
+            t = (ss.partition,) + t
+        if ss.tensorized:
+            t = t + (ss.tensorized,)
+        self.tile = t
+        self.memo: dict = {}        # (what, name) -> derived value; check results
+
+    def leaves(self, name: str) -> list[str]:
+        r = self.split.get(name)
+        return self.leaves(r.outer) + self.leaves(r.inner) if r else [name]
+
+    def expand(self, name: str) -> list[str]:
+        r = self.fuse.get(name)
+        return self.expand(r.outer) + self.expand(r.inner) if r else [name]
+
+    def roots(self, name: str) -> frozenset[str]:
+        """The original axes a loop derives from (a fused loop: all of its parts')."""
+        key = ("roots", name)
+        out = self.memo.get(key)
+        if out is None:
+            r = self.up.get(name)
+            if r is None:
+                out = frozenset((name,))
+            elif isinstance(r, Fuse):
+                out = self.roots(r.outer) | self.roots(r.inner)
+            else:
+                out = self.roots(r.parent)
+            self.memo[key] = out
+        return out
+
+
+def _info(ss: StageSched) -> _Info:
+    d = ss.__dict__.get("_info")
+    if d is None:
+        d = _Info(ss)
+        object.__setattr__(ss, "_info", d)
+    return d
 
 
 def extent_set(ss: StageSched, name: str) -> frozenset[int]:
     """Every extent loop `name` takes (more than one below a split that leaves a tail)."""
-    for r in ss.relations:
-        if isinstance(r, Split) and name in (r.outer, r.inner):
-            parent = extent_set(ss, r.parent)
-            if name == r.outer:
-                return frozenset(-(-n // r.factor) for n in parent)
-            out = {r.factor for n in parent if n >= r.factor}
-            out |= {n % r.factor for n in parent if n % r.factor}
-            return frozenset(out)
-        if isinstance(r, Fuse) and name == r.fused:
-            return frozenset(a * b for a in extent_set(ss, r.outer) for b in extent_set(ss, r.inner))
-    return frozenset((ss.var(name).extent,))
+    info = _info(ss)
+    key = ("extents", name)
+    out = info.memo.get(key)
+    if out is not None:
+        return out
+    r = info.up.get(name)
+    if isinstance(r, Split):
+        parent = extent_set(ss, r.parent)
+        if name == r.outer:
+            out = frozenset(-(-n // r.factor) for n in parent)
+        else:
+            o = {r.factor for n in parent if n >= r.factor}
+            o |= {n % r.factor for n in parent if n % r.factor}
+            out = frozenset(o)
+    elif isinstance(r, Fuse):
+        out = frozenset(a * b for a in extent_set(ss, r.outer) for b in extent_set(ss, r.inner))
+    else:
+        out = frozenset((info.var[name].extent,))
+    info.memo[key] = out
+    return out
 
 
 def split_leaves(ss: StageSched, name: str) -> list[str]:
     """The loops a var was split into, recursively (the var itself when never split)."""
-    for r in ss.relations:
-        if isinstance(r, Split) and r.parent == name:
-            return split_leaves(ss, r.outer) + split_leaves(ss, r.inner)
-    return [name]
+    return _info(ss).leaves(name)
 
 
 def expand_fused(ss: StageSched, name: str) -> list[str]:
     """A fused loop's component loops, outermost first (the loop itself when not fused)."""
-    for r in ss.relations:
-        if isinstance(r, Fuse) and r.fused == name:
-            return expand_fused(ss, r.outer) + expand_fused(ss, r.inner)
-    return [name]
+    return _info(ss).expand(name)
 
 
 def check_tails(ss: StageSched, what: str):
     """A split that leaves a tail needs its outer loop(s) bound before its inner ones: every
     loop derived from the outer part stays a loop (not a tile loop) and runs outside every
     loop derived from the inner part (tile loops count as innermost)."""
-    tile = {a for v in ss.tile_vars() for a in expand_fused(ss, v)}
+    info = _info(ss)
+    tails = [r for r in ss.relations if isinstance(r, Split) and r.tail]
+    if not tails or info.memo.get("tails_ok"):
+        return
+    tile = {a for v in info.tile for a in info.expand(v)}
     pos = {}
     for v in ss.order:
-        for a in expand_fused(ss, v):
+        for a in info.expand(v):
             if a not in tile:
                 pos[a] = len(pos)
-    for r in ss.relations:
-        if not (isinstance(r, Split) and r.tail):
-            continue
+    for r in tails:
         rule = (f"the split of {r.parent!r} by {r.factor} leaves a tail of {r.tail}, so "
                 f"{r.outer!r} must run as a loop outside {r.inner!r} (or split by a divisor)")
-        outer, inner = split_leaves(ss, r.outer), split_leaves(ss, r.inner)
+        outer, inner = info.leaves(r.outer), info.leaves(r.inner)
         for a in outer:
             if a in tile:
                 raise TensorlangError(f"{what}: stage {ss.stage!r} would make {a!r} a "
@@ -180,6 +247,7 @@ def check_tails(ss: StageSched, what: str):
                 a = max(outer, key=lambda x: pos[x])
                 raise TensorlangError(f"{what}: stage {ss.stage!r} would run {b!r} outside "
                                       f"{a!r}, but {rule}")
+    info.memo["tails_ok"] = True
 
 
 def hosts(state: "State", stage: str) -> set[str]:
@@ -195,15 +263,17 @@ def hosts(state: "State", stage: str) -> set[str]:
 def check_partitionable(ss: StageSched, what: str, hosting: set[str] = frozenset(), ok=None):
     """Every tile has a partition loop: the stage has one, or a spatial loop that `build` can
     split (when > the partitions) and partition -- not fused, annotated, or the outer part of
-    a split that leaves a tail."""
+    a split that leaves a tail. `ok(loop)`, when given, is an extra rule on the candidates
+    (matmul layouts: a loop of one operand only)."""
     if ss.partition is not None:
         return
-    tile = set(ss.tile_vars())
-    fused = {r.fused for r in ss.relations if isinstance(r, Fuse)}
+    info = _info(ss)
+    tile = set(info.tile)
     tail_outer = {a for r in ss.relations if isinstance(r, Split) and r.tail
-                  for a in split_leaves(ss, r.outer)}
-    marked = tile | fused | set(dict(ss.pipelined)) | set(ss.unrolled) | tail_outer | hosting
-    spatial = [v for v in ss.order if ss.var(v).kind == "spatial"]
+                  for a in info.leaves(r.outer)}
+    marked = tile | set(info.fuse) | set(dict(ss.pipelined)) | set(ss.unrolled) | tail_outer | \
+        set(hosting)
+    spatial = [v for v in ss.order if info.var[v].kind == "spatial"]
     if not any(v not in marked and (ok is None or ok(v)) for v in spatial):
         raise TensorlangError(
             f"{what}: stage {ss.stage!r} would have no loop left to map to the partitions "
@@ -211,6 +281,55 @@ def check_partitionable(ss: StageSched, what: str, hosting: set[str] = frozenset
             f"(spatial loops: {', '.join(spatial) or 'none'}; fused, vectorized, pipelined, "
             "unrolled, tail-splitting outer loops and loops hosting a cache or compute_at "
             "cannot be); partition a loop first")
+
+
+class _ProgInfo:
+    """What the legality checks need from a Program, computed once per Program (not once
+    per schedule or per step): stages by name, their reads, who reads / produces each
+    tensor, the matmul pattern of each stage and the axes each of its operands uses."""
+
+    def __init__(self, prog: Program):
+        self.stage = {st.name: st for st in prog.stages}
+        self.index = {st.name: i for i, st in enumerate(prog.stages)}
+        self.names = [st.name for st in prog.stages]
+        self.tensors = prog.tensors
+        self.reads = {st.name: tuple(st.reads()) for st in prog.stages}
+        self.read_tensors = {n: frozenset(ld.tensor for ld in r) for n, r in self.reads.items()}
+        self.readers: dict = {}     # tensor -> stages reading it, program order
+        self.padded: dict = {}      # tensor -> stages reading it with padding
+        for st in prog.stages:
+            for ld in self.reads[st.name]:
+                if st.name not in self.readers.setdefault(ld.tensor, []):
+                    self.readers[ld.tensor].append(st.name)
+                if ld.pad is not None and st.name not in self.padded.setdefault(ld.tensor, []):
+                    self.padded[ld.tensor].append(st.name)
+        self.producer = {}
+        for st in prog.stages:
+            self.producer.setdefault(st.tensor, st.name)
+        self.mm = {st.name: matmul_operands(st) for st in prog.stages}
+        # axes each matmul operand's index uses (nonzero coefficient)
+        self.mm_axes = {n: tuple(_load_axes(ld) for ld in ops) if ops else None
+                        for n, ops in self.mm.items()}
+
+
+def _load_axes(ld: Load) -> frozenset[str]:
+    return frozenset(v for ix in ld.index for v, c in ix.terms if c)
+
+
+def _affine_axes(ix) -> frozenset[str]:
+    return frozenset(v for v, c in ix.terms if c)
+
+
+def _loads_of_value(st: Stage) -> list[Load]:
+    return [x for x in walk(st.value) if isinstance(x, Load)]
+
+
+def _prog_info(prog: Program) -> _ProgInfo:
+    d = prog.__dict__.get("_sched_info")
+    if d is None:
+        d = _ProgInfo(prog)
+        object.__setattr__(prog, "_sched_info", d)
+    return d
 
 
 def initial_state(prog: Program) -> State:
@@ -293,8 +412,8 @@ class Schedule:
         return s
 
     def copy(self) -> "Schedule":
-        s = Schedule(self.prog, self.machine)
-        s.state, s._trace = self.state, list(self._trace)
+        s = object.__new__(Schedule)
+        s.prog, s.machine, s.state, s._trace = self.prog, self.machine, self.state, list(self._trace)
         return s
 
     def __str__(self) -> str:
@@ -345,8 +464,13 @@ class Schedule:
         return name
 
     def _spec(self):
+        cached = self.__dict__.get("_spec_for")
+        if cached is not None and cached[0] is self.machine:
+            return cached[1]
         import sim  # noqa: PLC0415  (only for the limits used by up-front checks)
-        return sim.machine(self.machine)
+        spec = sim.machine(self.machine)
+        self._spec_for = (self.machine, spec)
+        return spec
 
     def _stage_of(self, loop, stage) -> StageSched:
         if stage is None:
@@ -357,49 +481,57 @@ class Schedule:
         return self._stage(stage)
 
     def _commit(self, state: State, what: str):
-        """Validate a whole new state (rules that involve several steps) and adopt it."""
+        """Validate a whole new state (rules that involve several steps) and adopt it.
+        Rules of one stage alone are checked once per stage state (states are immutable and
+        their derived data is cached), so a step pays only for the stage it changed."""
+        pi = self._pinfo
+        attached_mm = [ss for ss in state.stages if ss.attach and ss.tensorized]
         for ss in state.stages:
             check_tails(ss, what)
             ok = self._check_matmul_layout(ss, what) if ss.tensorized else None
             if not ss.inline and not ss.attach:
-                check_partitionable(ss, what, hosts(state, ss.stage), ok)
+                feeds = [p for p in attached_mm if p.attach[0] == ss.stage]
+                if feeds:
+                    ok = self._attached_ok(state, ss, feeds, what, ok)
+                hosting = frozenset(hosts(state, ss.stage))
+                memo = _info(ss).memo
+                key = ("partitionable", hosting, pi)
+                if feeds or not memo.get(key):
+                    check_partitionable(ss, what, hosting, ok)
+                    if not feeds:
+                        memo[key] = True
         self._check_links(state, what)
         self.state = state
+
+    @property
+    def _pinfo(self) -> _ProgInfo:
+        return _prog_info(self.prog)
 
     def _check_matmul_layout(self, ss: StageSched, what: str):
         """A tensorized stage computes out[M, N] = a[K, M]^T b[K, N]: the partition loop (M)
         and the vectorized loops (N) index different operands, and neither operand depends
-        on both; the accumulator is in PSUM."""
-        st = self.prog.stage(ss.stage)
-        a, b = matmul_operands(st)
-        root = {}
-        for v in ss.vars:
-            r = v.name
-            while True:
-                up = next((x for x in ss.relations if isinstance(x, Split) and r in (x.outer, x.inner)
-                           or isinstance(x, Fuse) and r == x.fused), None)
-                if up is None:
-                    break
-                r = up.parent if isinstance(up, Split) else up.outer
-            root[v.name] = r
-        roots = {v.name: {root[a_] for a_ in split_leaves(ss, v.name)} for v in ss.vars}
-        for v in ss.vars:
-            for f in (x for x in ss.relations if isinstance(x, Fuse) and x.fused == v.name):
-                roots[v.name] = roots[f.outer] | roots[f.inner]
+        on both; the accumulator is in PSUM. Returns the rule on partition candidates."""
+        info, pi = _info(ss), self._pinfo
+        key = ("matmul_layout", pi)
+        if key in info.memo:
+            return info.memo[key]
+        st = pi.stage[ss.stage]
+        a, b = pi.mm[ss.stage]
+        axes = pi.mm_axes[ss.stage]
 
-        def uses(ld, loop):
-            return any(ix.coef(x) for ix in ld.index for x in roots[loop])
-        free = [v for v in ss.vectorized if ss.var(v).kind == "spatial"]
+        def uses(k, loop):
+            return not axes[k].isdisjoint(info.roots(loop))
+        free = [v for v in ss.vectorized if info.var[v].kind == "spatial"]
         for loop in ([ss.partition] if ss.partition else []) + free:
-            if uses(a, loop) and uses(b, loop):
+            if uses(0, loop) and uses(1, loop):
                 raise TensorlangError(
                     f"{what}: stage {ss.stage!r} is tensorized, and both operands {a.tensor!r} "
                     f"and {b.tensor!r} depend on its {'partition' if loop == ss.partition else 'vectorized'}"
                     f" loop {loop!r}; a matmul takes [K, M] x [K, N]: the partition loop (M) and "
                     "the vectorized loops (N) must each index one operand only", st.loc)
-        for ld in (a, b):
-            p = ss.partition is not None and uses(ld, ss.partition)
-            fs = [v for v in free if uses(ld, v)]
+        for k, ld in enumerate((a, b)):
+            p = ss.partition is not None and uses(k, ss.partition)
+            fs = [v for v in free if uses(k, v)]
             if p and fs:
                 raise TensorlangError(
                     f"{what}: stage {ss.stage!r} is tensorized, and operand {ld.tensor!r} depends "
@@ -409,12 +541,96 @@ class Schedule:
         if ss.cache_write and ss.cache_write[0] != "psum":
             raise TensorlangError(f"{what}: stage {ss.stage!r} is tensorized, so its accumulator "
                                   f"is in PSUM, not {ss.cache_write[0]!r} (cache_write)")
-        moving = {id(ld) for ld in (a, b) for v in free if uses(ld, v)}
+        moving = {k for k in (0, 1) for v in free if uses(k, v)}
 
         def can_partition(v):  # candidates for the partition loop build may choose
-            users = [ld for ld in (a, b) if uses(ld, v)]
-            return len(users) == 1 and id(users[0]) not in moving
+            users = [k for k in (0, 1) if uses(k, v)]
+            return len(users) == 1 and users[0] not in moving
+        info.memo[key] = can_partition
         return can_partition
+
+    def _attached_ok(self, state: State, cs: StageSched, feeds, what: str, ok):
+        """Tensorized stages computed at root stage `cs` take their tile layout from it: the
+        consumer's partition loop and vectorized loops (through the consumer's read of the
+        producer's tensor) become the producer's M and N, so the producer's operands must
+        fit [K, M] x [K, N] there. Checks the current layout; returns the rule on the
+        consumer's partition candidates (combined with `ok`)."""
+        pi = self._pinfo
+        ci = _info(cs)
+        cst = pi.stage[cs.stage]
+        value_loads = _loads_of_value(cst)
+        rules = []
+        for ps in feeds:
+            pst = pi.stage[ps.stage]
+            a, b = pi.mm[ps.stage]
+            spatial = {ax.name for ax in pst.axes}
+            dim_of = {ix.terms[0][0]: d for d, ix in enumerate(pst.index)}
+            for ld in pi.reads[cs.stage]:
+                if ld.tensor != pst.tensor:
+                    continue
+                # the producer's operands, as axes of the consumer (through ld's index)
+                mapped = []
+                for op in (a, b):
+                    ax = set()
+                    for y in _load_axes(op):
+                        if y in spatial:
+                            ax |= _affine_axes(ld.index[dim_of[y]])
+                    mapped.append(frozenset(ax))
+                part, dims = self._consumer_layout(cs, ld, ld in value_loads)
+
+                def uses(k, loop):
+                    return not mapped[k].isdisjoint(ci.roots(loop))
+
+                def bad(part, dims, ps=ps, uses=uses, a=a, b=b):
+                    if part is None:
+                        return None
+                    deps = [f for f in dims if uses(0, f) or uses(1, f)]
+                    pa, pb = uses(0, part), uses(1, part)
+                    for k, (p, op) in enumerate(((pa, a), (pb, b))):
+                        fs = [f for f in deps if uses(k, f)]
+                        if p and fs:
+                            return (f"operand {op.tensor!r} would depend on both the partition "
+                                    f"loop {part!r} and the vectorized loop {fs[0]!r}")
+                    if pa and pb:
+                        return (f"both operands {a.tensor!r} and {b.tensor!r} would depend on "
+                                f"the partition loop {part!r}")
+                    return None
+                why = bad(part, dims)
+                if why:
+                    raise TensorlangError(
+                        f"{what}: stage {ps.stage!r} is tensorized and computed at "
+                        f"{ps.attach[0]}.{ps.attach[1]}, so it takes the tile layout of "
+                        f"{cs.stage!r} (partition {part!r}, vectorized "
+                        f"{', '.join(dims) or 'none'}): {why}; a matmul takes [K, M] x [K, N]: "
+                        f"the partition loop (M) and the vectorized loops (N) must each index "
+                        f"one operand only", pst.loc)
+                if cs.partition is None and not cs.tensorized:
+                    rules.append(lambda v, bad=bad, dims=dims: bad(v, dims) is None)
+        if not rules:
+            return ok
+        return lambda v: (ok is None or ok(v)) and all(r(v) for r in rules)
+
+    def _consumer_layout(self, cs: StageSched, ld: Load, in_value: bool):
+        """(partition loop, free loops) of the tiles in which root stage `cs` reads `ld`:
+        a tensorized consumer reads its matmul operands with the contraction loop on the
+        partitions (the stationary one along M, the moving one along N)."""
+        ci = _info(cs)
+        free = [v for v in cs.vectorized if ci.var[v].kind == "spatial"]
+        if cs.tensorized:
+            ops = self._pinfo.mm[cs.stage]
+            axes = self._pinfo.mm_axes[cs.stage]
+            if ld in ops:
+                k = ops.index(ld)
+                other = 1 - k
+
+                def on(j, loops):
+                    return any(not axes[j].isdisjoint(ci.roots(v)) for v in loops)
+                part = [cs.partition] if cs.partition else []
+                stationary = on(k, part) or on(other, free)
+                return cs.tensorized, (part if stationary else free)
+            return cs.partition, free
+        red = [v for v in cs.vectorized if ci.var[v].kind == "reduce"] if in_value else []
+        return cs.partition, free + red
 
     def _check_own_layout(self, ss: StageSched, name: str, what: str):
         if ss.attach and ss.var(name).kind == "spatial":
@@ -436,13 +652,13 @@ class Schedule:
 
     def _consumers(self, state: State, tensor: str) -> list[str]:
         """Stages reading `tensor` once inlined stages are substituted into their readers."""
+        pi = self._pinfo
         out = []
-        for st in self.prog.stages:
-            if any(ld.tensor == tensor for ld in st.reads()):
-                if state.get(st.name).inline:
-                    out += [c for c in self._consumers(state, st.tensor) if c not in out]
-                elif st.name not in out:
-                    out.append(st.name)
+        for name in pi.readers.get(tensor, ()):
+            if state.get(name).inline:
+                out += [c for c in self._consumers(state, pi.stage[name].tensor) if c not in out]
+            elif name not in out:
+                out.append(name)
         return out
 
     def _check_links(self, state: State, what: str):
@@ -463,7 +679,7 @@ class Schedule:
                 if at in ts.tile_vars():
                     raise TensorlangError(f"{where}, but {target}.{at} is a tile loop "
                                           "(partition/vectorize/tensorize), not a loop")
-                tensor = self.prog.stage(ss.stage).tensor
+                tensor = self._pinfo.stage[ss.stage].tensor
                 for c in self._consumers(state, tensor):
                     cs = state.get(c)
                     if c != target and not (cs.attach and cs.attach[0] == target):
@@ -482,10 +698,10 @@ class Schedule:
                                       "(split or fused since); transform loops first")
             if c.at in cs.tile_vars():
                 raise TensorlangError(f"{where}, but {c.at!r} is a tile loop, not a loop")
-            p = self.prog.producer(c.tensor)
-            if p is not None and (state.get(p.name).inline or state.get(p.name).attach):
+            p = self._pinfo.producer.get(c.tensor)
+            if p is not None and (state.get(p).inline or state.get(p).attach):
                 raise TensorlangError(f"{where}, but {c.tensor!r} is not in HBM: its stage "
-                                      f"{p.name!r} is inlined or computed at a consumer")
+                                      f"{p!r} is inlined or computed at a consumer")
         for ss in state.stages:
             if ss.cache_write is None or ss.cache_write[1] is None:
                 continue
@@ -533,7 +749,7 @@ class Schedule:
         # that is itself the inner part of a split with a tail takes several extents)
         tail = next((n % factor for n in sorted(extent_set(ss, name), reverse=True)
                      if n % factor), 0)
-        ss2 = dataclasses.replace(
+        ss2 = _replace(
             ss,
             vars=ss.vars + (Var(outer, -(-v.extent // factor), v.kind), Var(inner, factor, v.kind)),
             order=tuple(x for o in ss.order for x in ((outer, inner) if o == name else (o,))),
@@ -567,7 +783,7 @@ class Schedule:
         order = list(ss.order)
         for slot, n in zip(slots, names):
             order[slot] = n
-        self._commit(self.state.put(dataclasses.replace(ss, order=tuple(order))), "reorder")
+        self._commit(self.state.put(_replace(ss, order=tuple(order))), "reorder")
         self._record("reorder", ss.stage, names, loops=list(range(len(names))))
 
     def fuse(self, a, b, stage=None) -> LoopVar:
@@ -590,7 +806,7 @@ class Schedule:
             self._check_own_layout(ss, x, "fuse")
         fused = self._fresh(ss, f"{na}_{nb}")
         order = ss.order[:ia] + (fused,) + ss.order[ib + 1:]
-        ss2 = dataclasses.replace(ss, vars=ss.vars + (Var(fused, va.extent * vb.extent, va.kind),),
+        ss2 = _replace(ss, vars=ss.vars + (Var(fused, va.extent * vb.extent, va.kind),),
                                   order=order, relations=ss.relations + (Fuse(na, nb, fused),))
         self._commit(self.state.put(ss2), "fuse")
         self._record("fuse", ss.stage, [na, nb], loops=[0, 1])
@@ -612,7 +828,7 @@ class Schedule:
         if name in ss.vectorized or name == ss.tensorized:
             raise TensorlangError(f"partition: {ss.stage}.{name} is already vectorized/tensorized")
         self._check_tile_loop(ss, name, "partition")
-        self._commit(self.state.put(dataclasses.replace(ss, partition=name)), "partition")
+        self._commit(self.state.put(_replace(ss, partition=name)), "partition")
         self._record("partition", ss.stage, [name], loops=[0])
 
     def vectorize(self, loop, stage=None):
@@ -638,7 +854,7 @@ class Schedule:
                                   f"{ss.tensorized!r}; a matmul reduces only over the partitions, "
                                   "so a reduction loop cannot be vectorized")
         self._check_tile_loop(ss, name, "vectorize", fused_ok=True)
-        self._commit(self.state.put(dataclasses.replace(ss, vectorized=ss.vectorized + (name,))),
+        self._commit(self.state.put(_replace(ss, vectorized=ss.vectorized + (name,))),
                      "vectorize")
         self._record("vectorize", ss.stage, [name], loops=[0])
 
@@ -651,7 +867,7 @@ class Schedule:
             raise TensorlangError(f"unroll {ss.stage}.{name}: extent {ss.var(name).extent} > 64")
         if name in ss.unrolled:
             return
-        self._commit(self.state.put(dataclasses.replace(ss, unrolled=ss.unrolled + (name,))),
+        self._commit(self.state.put(_replace(ss, unrolled=ss.unrolled + (name,))),
                      "unroll")
         self._record("unroll", ss.stage, [name], loops=[0])
 
@@ -687,7 +903,7 @@ class Schedule:
             raise TensorlangError(f"tensorize {ss.stage}: moving free size {free} > "
                                   f"{spec.matmul_max_n} (matmul N limit)")
         self._check_tile_loop(ss, name, "tensorize")
-        self._commit(self.state.put(dataclasses.replace(ss, tensorized=name)), "tensorize")
+        self._commit(self.state.put(_replace(ss, tensorized=name)), "tensorize")
         self._record("tensorize", ss.stage, [name, intrinsic], loops=[0])
 
     def pipeline(self, loop, depth: int = 2, stage=None):
@@ -700,7 +916,7 @@ class Schedule:
             raise TensorlangError(f"pipeline {ss.stage}.{name}: depth {depth!r} must be an "
                                   "integer 1..8 (the number of buffer slots that rotate)")
         pl = tuple(p for p in ss.pipelined if p[0] != name) + ((name, depth),)
-        self._commit(self.state.put(dataclasses.replace(ss, pipelined=pl)), "pipeline")
+        self._commit(self.state.put(_replace(ss, pipelined=pl)), "pipeline")
         self._record("pipeline", ss.stage, [name, depth], loops=[0])
 
     # -- producer / consumer -----------------------------------------------------------------------
@@ -745,7 +961,7 @@ class Schedule:
                                   "spatial loops; a stage computed at a consumer takes its "
                                   "spatial layout from it")
         _check_simple_store(pst, "compute_at")
-        self._commit(self.state.put(dataclasses.replace(ps, attach=(cs.stage, name))),
+        self._commit(self.state.put(_replace(ps, attach=(cs.stage, name))),
                      "compute_at")
         self._record("compute_at", None, [ps.stage, name], kwargs={"consumer": cs.stage})
 
@@ -777,7 +993,7 @@ class Schedule:
                 raise TensorlangError(f"compute_inline {ss.stage!r}: stage {c.name!r} reads "
                                       f"{st.tensor!r} with padding; a padded read needs the "
                                       "tensor in HBM", st.loc)
-        self._commit(self.state.put(dataclasses.replace(ss, inline=True)), "compute_inline")
+        self._commit(self.state.put(_replace(ss, inline=True)), "compute_inline")
         self._record("compute_inline", None, [ss.stage])
 
     def cache_read(self, tensor: str, mem: str, at, consumer=None):
@@ -794,7 +1010,7 @@ class Schedule:
         if name in cs.tile_vars():
             raise TensorlangError(f"cache_read of {tensor!r}: {cs.stage}.{name} is a tile loop")
         crs = tuple(c for c in self.state.cache_reads if not (c.tensor == tensor and c.stage == cs.stage))
-        self._commit(dataclasses.replace(self.state,
+        self._commit(_replace(self.state,
                                          cache_reads=crs + (CacheRead(tensor, mem, cs.stage, name),)),
                      "cache_read")
         self._record("cache_read", None, [tensor, mem, name], kwargs={"consumer": cs.stage})
@@ -808,7 +1024,7 @@ class Schedule:
         at_name = None
         if at is not None:
             at_name = self._loop(ss, at, "cache_write")
-        self._commit(self.state.put(dataclasses.replace(ss, cache_write=(mem, at_name))),
+        self._commit(self.state.put(_replace(ss, cache_write=(mem, at_name))),
                      "cache_write")
         self._record("cache_write", None, [ss.stage, mem], kwargs={"at": at_name})
 
