@@ -6,6 +6,7 @@ docstring; every limit comes from the MachineSpec.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -16,6 +17,8 @@ from .isa import (ACT_FUNCS, ALU_OPS, DTYPE_SIZE, MEMS, OPS, REDUCE_OPS, AP, Add
 from .machine import MachineSpec, SimError, machine
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
+_LOOP_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_MEMS = frozenset(MEMS)
 _KINDS = ("input", "output", "scratch")
 
 
@@ -39,18 +42,30 @@ def validate(program: Program, spec: "MachineSpec | str | None" = None) -> None:
     tensors = _check_tensors(program)
     buffers = _check_buffers(program, spec)
     _check_loops(program.body, ())
-    for i, (ins, loops) in enumerate(_walk(program.body)):
-        _InstrCheck(i, ins, loops, spec, tensors, buffers).run()
+    ctx = _Ctx(spec, tensors, buffers)
+    for i, (ins, extents) in enumerate(_walk(program.body, {})):
+        _InstrCheck(i, ins, extents, spec, tensors, buffers, ctx).run()
 
 
-def _walk(nodes, loops=()):
+def _walk(nodes, extents):
+    """(instr, {enclosing loop var: extent}) in program order; one dict per loop body."""
     for n in nodes:
         if isinstance(n, Loop):
-            yield from _walk(n.body, loops + (n,))
+            yield from _walk(n.body, {**extents, n.var: n.extent})
         elif isinstance(n, Instr):
-            yield n, loops
+            yield n, extents
         else:
             raise SimError(f"program body holds a {type(n).__name__}; want Instr or Loop")
+
+
+class _Ctx:
+    """Per-program facts the per-operand fast path needs (computed once per validate)."""
+
+    def __init__(self, spec: MachineSpec, tensors: dict, buffers: dict):
+        self.queues = frozenset(f"q{i}" for i in range(spec.dma_queues))
+        self.sizes = {n: math.prod(t.shape) for n, t in tensors.items()}
+        self.caps = {"sbuf": spec.sbuf_partition_bytes, "psum": spec.psum_partition_bytes}
+        self.partitions = spec.partitions
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,7 +125,7 @@ def _check_loops(nodes, path: tuple) -> None:
         if not isinstance(n, Loop):
             continue
         where = f"loop {n.var!r}" + (f" (inside {', '.join(path)})" if path else "")
-        if not isinstance(n.var, str) or not re.match(r"[A-Za-z_][A-Za-z0-9_]*\Z", n.var):
+        if not isinstance(n.var, str) or not _LOOP_VAR.match(n.var):
             raise SimError(f"{where}: bad loop variable name")
         if n.var in path:
             raise SimError(f"{where}: loop variable {n.var!r} is already used by an enclosing "
@@ -148,11 +163,29 @@ def addr_values(a: Addr, extents: dict, cap: int = 1 << 16) -> "np.ndarray | Non
     return vals
 
 
+def _bank_ok(a: Addr, extents: dict, bank: int, flo: int, fhi: int, cap: int = 4096) -> bool:
+    """True when bytes [o + flo, o + fhi) stay in one bank for every value o of the address:
+    that depends only on o % bank, so the residues are enumerated instead of the values
+    (one residue when the loop strides are whole banks). False: look closer (the caller's
+    exact check names the first offending offset)."""
+    res = {a.base % bank}
+    for var, coef, mod in a.terms:
+        if coef % bank == 0:
+            continue
+        n = min(extents[var], mod) if mod else extents[var]
+        res = {(r + coef * x) % bank for r in res for x in range(n)}
+        if len(res) > cap:
+            return False
+    return all((r + flo) // bank == (r + fhi - 1) // bank for r in res)
+
+
 class _InstrCheck:
-    def __init__(self, index, ins: Instr, loops, spec: MachineSpec, tensors, buffers):
+    def __init__(self, index, ins: Instr, extents: dict, spec: MachineSpec, tensors, buffers,
+                 ctx: _Ctx | None = None):
         self.i, self.ins, self.spec = index, ins, spec
         self.tensors, self.buffers = tensors, buffers
-        self.extents = {lp.var: lp.extent for lp in loops}
+        self.extents = extents
+        self.ctx = ctx if ctx is not None else _Ctx(spec, tensors, buffers)
 
     def fail(self, msg: str):
         try:
@@ -168,7 +201,9 @@ class _InstrCheck:
         if ins.op not in OPS:
             raise self.fail(f"unknown op {ins.op!r}; ops: {', '.join(OPS)}")
         engines, nsrc, attr_names = OPS[ins.op]
-        if "q" in engines:
+        if "q" in engines and ins.engine in self.ctx.queues:
+            pass
+        elif "q" in engines:
             m = re.fullmatch(r"q(\d+)", str(ins.engine))
             if not m:
                 raise self.fail(f"{ins.op} runs on a DMA queue q0..q{spec.dma_queues - 1}, "
@@ -190,8 +225,10 @@ class _InstrCheck:
             raise self.fail(f"{ins.op} takes {nsrc} source operand(s), got {len(ins.srcs)}")
         if ins.dst2 is not None and not (ins.op == "activation" and ins.attr("reduce_op")):
             raise self.fail("dst2 is only for activation with reduce_op")
-        for label, ap in self.operands():
-            self.check_ap(label, ap)
+        aps = [ins.dst, *ins.srcs] if ins.dst2 is None else [ins.dst, ins.dst2, *ins.srcs]
+        if not all(map(self.ap_ok, aps)):
+            for label, ap in self.operands():      # the slow path names what is wrong
+                self.check_ap(label, ap)
         self.check_acc()
         getattr(self, "op_" + ins.op)()
 
@@ -212,6 +249,64 @@ class _InstrCheck:
         return out
 
     # -- one operand ---------------------------------------------------------------------
+    def ap_ok(self, ap) -> bool:
+        """True when check_ap would accept `ap`: the same rules in one pass, without building
+        messages (a False sends the caller to check_ap, which raises the named error)."""
+        if type(ap) is not AP:
+            return False
+        size = DTYPE_SIZE.get(ap.dtype)
+        mem = ap.mem
+        dims = ap.dims
+        if size is None or mem not in _MEMS or not dims:
+            return False
+        for stride, n in dims:
+            if type(n) is not int or n < 1 or type(stride) is not int:
+                return False
+        ext = self.extents
+        off = ap.offset
+        lo = hi = off.base
+        for var, coef, mod in off.terms:
+            e = ext.get(var)
+            if e is None or type(mod) is not int or mod < 0:
+                return False
+            c = coef * ((e if e < mod else mod) if mod else e) - coef
+            if c < 0:
+                lo += c
+            else:
+                hi += c
+        ctx = self.ctx
+        if mem == "hbm":
+            for stride, n in dims:
+                c = stride * (n - 1)
+                if c < 0:
+                    lo += c
+                else:
+                    hi += c
+            t = self.tensors.get(ap.name)
+            return (t is not None and ap.dtype == t.dtype and ap.part == 0 and lo >= 0
+                    and hi < ctx.sizes[ap.name])
+        for stride, n in dims[1:]:
+            c = size * stride * (n - 1)
+            if c < 0:
+                lo += c
+            else:
+                hi += c
+        part = ap.part
+        if dims[0][0] != 1 or part < 0 or part + dims[0][1] > ctx.partitions:
+            return False
+        if off.base % size or any(c % size for _, c, _ in off.terms):
+            return False
+        end = hi + size
+        if lo < 0 or end > ctx.caps[mem]:
+            return False
+        if self.buffers:
+            b = self.buffers.get(ap.name)
+            if (b is None or b.mem != mem or part < b.part
+                    or part + dims[0][1] > b.part + b.partitions
+                    or lo < b.offset or end > b.offset + b.size):
+                return False
+        return True
+
     def check_ap(self, label: str, ap: AP):
         spec = self.spec
         if not isinstance(ap, AP):
@@ -346,6 +441,8 @@ class _InstrCheck:
         if fhi - flo > bank:
             raise self.fail(f"{label}: {ap.free_size} x {ap.dtype} spans {fhi - flo} bytes; "
                             f"one PSUM bank holds {bank} bytes (psum_partition_bytes/psum_banks)")
+        if _bank_ok(ap.offset, self.extents, bank, flo, fhi):
+            return
         offs = addr_values(ap.offset, self.extents)
         offs = np.array([ap.offset.bounds(self.extents)[0]]) if offs is None else offs
         first, last = (offs + flo) // bank, (offs + fhi - 1) // bank
