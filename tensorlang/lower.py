@@ -31,16 +31,21 @@ import numpy as np
 
 import sim
 from sim import isa
-from sim.timing import partition_block
+from sim.timing import instr_cost, partition_block
 
 from .dtypes import np_dtype
 from .ir import (ITEMSIZE, REDUCE_IDENTITY, Affine, Binary, Cast, Compare, Const, Expr,
-                 IndexValue, Load, Program, Select, Stage, TensorlangError, Unary, map_expr)
+                 IndexValue, Load, Program, Select, Stage, TensorlangError, Unary, expr_vars,
+                 map_expr)
 from .schedule import Fuse, Schedule, Split, StageSched, matmul_operands
 
 DEFAULT_FREE_ELEMS = 2048  # compiler choice: default vectorization width when a schedule is silent
 TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fill rotates over
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
+SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
+SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
+SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
+COMPUTE_ENGINES = ("act", "dve", "pool")
 
 # ----------------------------------------------------------------------------------------
 # affine values over ISA loop variables
@@ -127,6 +132,7 @@ class Val:
     dtype: str
     name: str
     part: int = 0
+    key: object = None             # value-numbering key (equal keys hold equal data), or None
 
 
 @dataclass
@@ -155,13 +161,12 @@ def complete(sched: Schedule, spec: sim.MachineSpec) -> Schedule:
     spatial layout from it, so only their reduction loops are completed."""
     s = sched.copy()
     s.machine = spec
-    for ss in s.state.stages:
-        if ss.inline:
-            continue
-        if ss.attach:
-            _complete_attached(s, ss.stage, spec)
-        else:
+    for ss in s.state.stages:          # roots first: attached stages look at their consumer
+        if not ss.inline and not ss.attach:
             _complete_root(s, ss.stage, spec)
+    for ss in s.state.stages:
+        if not ss.inline and ss.attach:
+            _complete_attached(s, ss.stage, spec)
     return s
 
 
@@ -218,12 +223,12 @@ def _complete_root(s: Schedule, stage: str, spec):
     _check_tile(s.state.get(stage), spec, s.prog)
 
 
-def _vectorize_reduce(s: Schedule, stage: str):
+def _vectorize_reduce(s: Schedule, stage: str, width: int = DEFAULT_FREE_ELEMS):
     ss = s.state.get(stage)
     red = [v for v in ss.order if ss.var(v).kind == "reduce" and v not in ss.tile_vars()]
     if not red:
         return
-    room = max(1, DEFAULT_FREE_ELEMS // _free_size(ss))
+    room = max(1, width // _free_size(ss))
     if room == 1:
         return
 
@@ -246,7 +251,8 @@ def _complete_attached(s: Schedule, stage: str, spec):
         raise TensorlangError(f"stage {stage!r} is computed at {ss.attach[0]}.{ss.attach[1]}; "
                               "its partition/vectorized spatial loops come from the consumer")
     if not ss.tensorized and not any(ss.var(v).kind == "reduce" for v in ss.vectorized):
-        _vectorize_reduce(s, stage)
+        # as wide as the consumer's tile: a row statistic then reads the consumer's tiles
+        _vectorize_reduce(s, stage, max(DEFAULT_FREE_ELEMS, _free_size(s.state.get(ss.attach[0]))))
 
 
 def _check_tile(ss: StageSched, spec, prog: Program):
@@ -361,9 +367,16 @@ class Lowerer:
         self.scratch: set[str] = set()
         self.attached = {ss.stage: ss.attach for ss in sched.state.stages if ss.attach}
         self.stage_of_tensor = {st.tensor: st for st in prog.stages}
+        self.busy = {e: 0 for e in COMPUTE_ENGINES}       # estimated busy ps per engine so far
+        self.trips = [1]                                  # iterations of the enclosing ISA loops
+        self.home: int | None = None                      # memo level for kept intermediates
+        hbm = sum(int(np.prod(t.shape)) * ITEMSIZE[t.dtype] for t in (*prog.inputs, *prog.outputs))
+        self.hbm_ps = hbm * 1000.0 / spec.dma_gbps         # the memory floor of the kernel
 
     # -- plumbing ---------------------------------------------------------------------------
     def emit(self, ins: isa.Instr):
+        if isinstance(ins, isa.Instr) and ins.engine in self.busy:
+            self.busy[ins.engine] += instr_cost(ins, self.spec).ii_ps * self.trips[-1]
         self.body[-1].append(ins)
 
     def fresh(self, base: str) -> str:
@@ -376,20 +389,19 @@ class Lowerer:
             self.lw = lw
 
         def __enter__(self):
-            lw = self.lw
-            self.mark = len(lw.live)
-            lw.memo.append({})
+            self.lw.memo.append({})
 
         def __exit__(self, *exc):
             lw = self.lw
-            del lw.live[self.mark:]
+            depth = len(lw.memo) - 1
+            lw.live[:] = [x for x in lw.live if x[4] < depth]
             lw.memo.pop()
 
     def level(self):
         return Lowerer._Level(self)
 
     def used(self, mem: str) -> int:
-        return sum(size for m, _, size, _ in self.live if m == mem)
+        return sum(x[2] for x in self.live if x[0] == mem)
 
     def place(self, mem: str, size: int, align: int) -> int | None:
         """An offset for `size` bytes per partition clear of every buffer in scope: next fit
@@ -398,7 +410,7 @@ class Lowerer:
         not alias (and so wait for) the one just released."""
         cap = self.spec.psum_partition_bytes if mem == "psum" else self.spec.sbuf_partition_bytes
         gaps, prev = [], 0
-        for lo, hi in sorted((o, o + n) for m, o, n, _ in self.live if m == mem):
+        for lo, hi in sorted((x[1], x[1] + x[2]) for x in self.live if x[0] == mem):
             if lo > prev:
                 gaps.append((prev, lo))
             prev = max(prev, hi)
@@ -412,10 +424,12 @@ class Lowerer:
             cur = 0 if hi >= gaps[-1][1] else cur
         return None
 
-    def alloc(self, mem: str, nbytes: int, name: str, env: Env, what: str = "") -> Lin:
-        """Allocate `nbytes` per partition for the current scope (see place()); multi-slot
-        inside a pipelined loop. `what` names the schedule step that asked for the buffer in
-        an overflow message."""
+    def alloc(self, mem: str, nbytes: int, name: str, env: Env, what: str = "",
+              depth: int | None = None) -> Lin:
+        """Allocate `nbytes` per partition for the current scope (or the enclosing memo level
+        `depth`; see place()); multi-slot inside a pipelined loop. `what` names the schedule
+        step that asked for the buffer in an overflow message."""
+        level = len(self.memo) - 1 if depth is None else depth
         spec = self.spec
         rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
         if mem == "psum":
@@ -432,7 +446,7 @@ class Lowerer:
         cap = spec.psum_partition_bytes if mem == "psum" else spec.sbuf_partition_bytes
         top = self.place(mem, size, unit)
         if top is None:
-            live = ", ".join(f"{n} {b / 1024:.1f} KiB" for m, _, b, n in self.live if m == mem)
+            live = ", ".join(f"{x[3]} {x[2] / 1024:.1f} KiB" for x in self.live if x[0] == mem)
             total = spec.psum_bytes if mem == "psum" else spec.sbuf_bytes
             raise TensorlangError(
                 f"{what + ': ' if what else ''}{mem.upper()} overflow on {spec.name}: tile {name!r} "
@@ -442,7 +456,7 @@ class Lowerer:
                 f"{cap / 1024:.0f} KiB per partition ({total / 2**20:.0f} MiB)")
         bname = self.fresh(name)
         self.buffers.append(isa.Buffer(bname, mem, top, size))
-        self.live.append((mem, top, size, bname))
+        self.live.append((mem, top, size, bname, level))
         base = Lin(top)
         if rot:
             v, d = rot
@@ -451,7 +465,9 @@ class Lowerer:
 
     def loop(self, var: str, extent: int, fn):
         self.body.append([])
+        self.trips.append(self.trips[-1] * extent)
         fn()
+        self.trips.pop()
         body = self.body.pop()
         if body:
             self.emit(isa.Loop(var, extent, tuple(body)))
@@ -461,12 +477,12 @@ class Lowerer:
         self.emit(isa.Instr.make("dma", "q0", dst, (src,)))
 
     # -- values -----------------------------------------------------------------------------
-    def tile(self, P: int, deps, ext, dtype, name, env, mem="sbuf") -> Val:
+    def tile(self, P: int, deps, ext, dtype, name, env, mem="sbuf", depth=None) -> Val:
         strides, n = [], 1
         for d in reversed(deps):
             strides.append(n)
             n *= ext[d]
-        base, bname = self.alloc(mem, n * ITEMSIZE[dtype], name, env)
+        base, bname = self.alloc(mem, n * ITEMSIZE[dtype], name, env, depth=depth)
         return Val(mem, base, tuple(deps), tuple(reversed(strides)), dtype, bname)
 
     def ap(self, v: Val, P: int, dims: list, ext) -> isa.AP:
@@ -635,7 +651,7 @@ class Lowerer:
                 f"{spec.name} has {spec.psum_banks}")
         bname = self.fresh(name)
         self.buffers.append(isa.Buffer(bname, "psum", top, size))
-        self.live.append(("psum", top, size, bname))
+        self.live.append(("psum", top, size, bname, len(self.memo) - 1))
         base = Lin(top)
         if rot:
             base = base + Lin(0, ((rot[0], n * spec.psum_bank_bytes, rot[1]),))
@@ -694,8 +710,12 @@ class Lowerer:
         if isinstance(v, float):
             self.emit(isa.Instr.make("memset", "dve", dst, value=float(v)))
         else:
-            eng = "act" if v.mem == "psum" else "dve"
-            self.emit(isa.Instr.make("tensor_copy", eng, dst, (self.ap(v, P, dims, ext),)))
+            ins = isa.Instr.make("tensor_copy", "act" if v.mem == "psum" else "dve", dst,
+                                 (self.ap(v, P, dims, ext),))
+            if v.mem == "psum":
+                self.emit(ins)       # PSUM evacuation stays on the scalar engine
+            else:
+                self.emit_balanced(ins)
 
     def invalidate(self, tensor: str):
         for m in self.memo:
@@ -748,7 +768,7 @@ class Lowerer:
         key = self.operand_key(ld, part, deps, env, ext)
         for m in reversed(self.memo):
             if key in m:
-                return m[key](env, deps)
+                return dataclasses.replace(m[key](env, deps), key=key)
         P = ext[part]
         producer = self.stage_of_tensor.get(ld.tensor)
         if producer is not None and producer.name in self.attached:
@@ -756,7 +776,7 @@ class Lowerer:
         else:
             v = self.load(ld, part, deps, env, ext, P)
         self.memo[-1][key] = lambda e, d, v=v: dataclasses.replace(v, deps=d)
-        return v
+        return dataclasses.replace(v, key=key)
 
     def load(self, ld: Load, part: str, deps, env: Env, ext, P: int, into: Val | None = None) -> Val:
         t = self.tensors[ld.tensor]
@@ -797,8 +817,10 @@ class Lowerer:
                                      (self.ap(ps, P, [f], ext),)))
 
     def virtual(self, producer: Stage, ld: Load, part: str, deps, env: Env, ext,
-                into: tuple | None = None) -> Val:
-        """Evaluate `producer` at the points `ld` reads, in the [part, deps] layout."""
+                into: tuple | None = None, home: int | None = None) -> Val:
+        """Evaluate `producer` at the points `ld` reads, in the [part, deps] layout. `home`: a
+        memo level of the consumer where the producer's computed tiles are kept (when the
+        producer runs as one tile, no loops), so the consumer can reuse them."""
         P = ext[part]
         axis_of_dim = [ix.terms[0][0] for ix in producer.index]
         m = {axis_of_dim[d]: ld.index[d] for d in range(len(ld.index))}
@@ -818,11 +840,23 @@ class Lowerer:
                    env.loops, dict(env.pipe))
         for a in (part, *deps):
             env2.ext[a] = ext[a]
+        outer, self.home = self.home, (home if not job.loops else None)
         self.run_job(job, env2)
+        self.home = outer
         return v
 
-    # -- expression evaluation ------------------------------------------------------------------
-    def eval(self, job: Job, e: Expr, env: Env, ext, dims, part=None):
+    # -- expression evaluation: instruction selection ---------------------------------------
+    #
+    # A tile expression becomes as few engine passes as the ISA allows (see docs/architecture.md,
+    # "Instruction selection"): f(x * s + b) with per-partition s, b is one activation; x op s0
+    # op s1 with per-partition / constant scalars is one tensor_scalar; a row reduction of
+    # f(x * s + b) is the same activation with its free-axis reduce (reduce_op, dst2). Every
+    # computed tile carries a value-numbering key, so a later stage computing the same
+    # expression at the same loop iteration reuses the tile (loads are shared the same way).
+    # Engines are picked by estimated load (emit_balanced).
+    def eval(self, job: Job, e: Expr, env: Env, ext, dims, part=None, odt=None):
+        """Evaluate `e` over the tile [part] + dims; a float, or a Val. `odt`: the dtype the
+        top-level instruction writes (a store's dtype: rounding once, as a store does)."""
         part = part or job.part
         P = ext[part]
         if isinstance(e, Const):
@@ -844,37 +878,168 @@ class Lowerer:
             a = self.eval(job, e.a, env, ext, dims, part)
             if isinstance(a, float):
                 return float(np.asarray(a, np.float32).astype(np_dtype(e.dtype)).astype(np.float32))
-            out = self.tile(P, a.deps, ext, e.dtype, "cast", env)
-            self.emit(isa.Instr.make("tensor_copy", "dve", self.ap(out, P, list(a.deps), ext),
-                                     (self.ap(a, P, list(a.deps), ext),)))
-            return out
+            return self.compute("tensor_copy", a.deps, (a,), {}, e.dtype, P, env, ext)
+        if isinstance(e, Binary) and e.op == "mul" and e.a == e.b:
+            e = Unary("square", e.a)              # x * x is square(x), bit for bit
         if isinstance(e, Unary):
-            a = self.eval(job, e.a, env, ext, dims, part)
-            if isinstance(a, float):
-                from sim.funcs import FUNCS  # noqa: PLC0415
-                return float(FUNCS[e.op](np.array([a], np.float32))[0])
-            out = self.tile(P, a.deps, ext, "float32", e.op, env)
-            self.emit(isa.Instr.make("activation", "act", self.ap(out, P, list(a.deps), ext),
-                                     (self.ap(a, P, list(a.deps), ext),), func=e.op,
-                                     scale=1.0, bias=0.0))
-            return out
+            x, s, b = self.affine_form(job, e.a, env, ext, dims, part)
+            if isinstance(x, float):
+                from sim.funcs import ACT  # noqa: PLC0415
+                return float(ACT[e.op](np.array([x], np.float32))[0])
+            return self.activation(e.op, x, s, b, P, env, ext, odt)
         if isinstance(e, (Binary, Compare)):
-            a = self.eval(job, e.a, env, ext, dims, part)
-            b = self.eval(job, e.b, env, ext, dims, part)
-            return self.binary(e.op, a, b, env, ext, dims, P)
+            return self.binop(job, e, env, ext, dims, part, odt)
         if isinstance(e, Select):
             c = self.eval(job, e.cond, env, ext, dims, part)
             a = self.eval(job, e.a, env, ext, dims, part)
             b = self.eval(job, e.b, env, ext, dims, part)
             if isinstance(c, float):
                 return a if c != 0.0 else b
-            ops = [x if isinstance(x, Val) else self.const_tile(x, P, env) for x in (c, a, b)]
+            ops = tuple(x if isinstance(x, Val) else self.const_tile(x, P, env) for x in (c, a, b))
             deps = tuple(f for f in dims if any(f in x.deps for x in ops))
-            out = self.tile(P, deps, ext, "float32", "sel", env)
-            self.emit(isa.Instr.make("select", "dve", self.ap(out, P, list(deps), ext),
-                                     tuple(self.ap(x, P, list(deps), ext) for x in ops)))
-            return out
+            return self.compute("select", deps, ops, {}, odt or "float32", P, env, ext)
         raise TypeError(e)
+
+    def scalar_valued(self, e: Expr, dims) -> bool:
+        """Does `e` take one value per partition over the tile (no free-axis dependence)?"""
+        return not (expr_vars(e) & set(dims))
+
+    def affine_form(self, job, e: Expr, env, ext, dims, part):
+        """(x, scale, bias) with e == x * scale + bias evaluated in that order; scale / bias
+        are None, floats or per-partition [P,1] Vals (folded into one activation)."""
+        if isinstance(e, (Binary,)) and e.op in ("add", "sub", "mul"):
+            sa, sb = self.scalar_valued(e.a, dims), self.scalar_valued(e.b, dims)
+            if sb and not sa:
+                x, s, b = self.affine_form(job, e.a, env, ext, dims, part)
+                if e.op == "mul" and s is None and b is None:
+                    return x, self.eval(job, e.b, env, ext, dims, part), None
+                if e.op in ("add", "sub") and b is None:
+                    c = self.eval(job, e.b, env, ext, dims, part)
+                    return x, s, (self.negate(c, env, ext, part) if e.op == "sub" else c)
+            elif sa and not sb and e.op in ("add", "mul"):
+                return self.affine_form(job, Binary(e.op, e.b, e.a), env, ext, dims, part)
+        return self.eval(job, e, env, ext, dims, part), None, None
+
+    def negate(self, c, env, ext, part):
+        if isinstance(c, float):
+            return -c
+        return self.compute("tensor_scalar", (), (c,), {"op0": "mul", "scalar0": -1.0},
+                            "float32", ext[part], env, ext)
+
+    def activation(self, func, x: Val, s, b, P, env, ext, odt=None, reduce=None):
+        """func(x * s + b) in one activation; with `reduce` = (op, dst2 AP, acc attrs) the
+        free-axis reduction of the result goes to dst2 in the same instruction."""
+        if not x.deps and isinstance(s, (float, type(None))) and isinstance(b, (float, type(None))):
+            if s not in (None, 1.0) or b not in (None, 0.0):   # a [P,1] value: plain passes
+                x = self.binary("mul", x, s, env, ext, [], P) if s is not None else x
+                x = self.binary("add", x, b, env, ext, [], P) if b is not None else x
+            s = b = None
+        srcs, attrs = [x], {"func": func}
+        for k, v in (("scale", s), ("bias", b)):
+            if isinstance(v, Val):
+                srcs.append(v)
+                attrs[k] = "ap"
+            else:
+                attrs[k] = 1.0 if v is None and k == "scale" else (0.0 if v is None else v)
+        return self.compute("activation", x.deps, tuple(srcs), attrs, odt or "float32", P, env,
+                            ext, reduce=reduce)
+
+    def binop(self, job, e, env, ext, dims, part, odt):
+        P = ext[part]
+        sa, sb = self.scalar_valued(e.a, dims), self.scalar_valued(e.b, dims)
+        if sa != sb:
+            # x op s (or s op x): one tensor_scalar, taking a second scalar op from x = y op0 s0
+            rev1 = sa
+            xe, s1e = (e.b, e.a) if sa else (e.a, e.b)
+            s1 = self.eval(job, s1e, env, ext, dims, part)
+            steps = [(e.op, s1, rev1)]
+            if isinstance(xe, (Binary, Compare)) and not (isinstance(xe, Binary) and xe.op == "mul"
+                                                          and xe.a == xe.b):
+                ia, ib = self.scalar_valued(xe.a, dims), self.scalar_valued(xe.b, dims)
+                if ia != ib:
+                    ye, s0e = (xe.b, xe.a) if ia else (xe.a, xe.b)
+                    s0 = self.eval(job, s0e, env, ext, dims, part)
+                    if self.scalar_ok(s0) and self.scalar_ok(s1):
+                        steps.insert(0, (xe.op, s0, ia))
+                        xe = ye
+            x = self.eval(job, xe, env, ext, dims, part)
+            if isinstance(x, Val) and x.deps and all(self.scalar_ok(s) for _, s, _ in steps):
+                return self.tensor_scalar(x, steps, P, env, ext, odt)
+            y = x
+            for op, s, rev in steps:      # scalar operands in PSUM: plain binary passes
+                y = self.binary(op, s, y, env, ext, dims, P) if rev else \
+                    self.binary(op, y, s, env, ext, dims, P)
+            return y
+        a = self.eval(job, e.a, env, ext, dims, part)
+        b = self.eval(job, e.b, env, ext, dims, part)
+        return self.binary(e.op, a, b, env, ext, dims, P, dst_dtype=odt or "float32")
+
+    @staticmethod
+    def scalar_ok(s) -> bool:
+        return isinstance(s, float) or (isinstance(s, Val) and not s.deps and s.mem == "sbuf")
+
+    def tensor_scalar(self, x: Val, steps, P, env, ext, odt=None):
+        srcs, attrs = [x], {}
+        for k, (op, s, rev) in enumerate(steps):
+            attrs[f"op{k}"] = op
+            attrs[f"reverse{k}"] = bool(rev)
+            if isinstance(s, Val):
+                srcs.append(s)
+                attrs[f"scalar{k}"] = "ap"
+            else:
+                attrs[f"scalar{k}"] = s
+        return self.compute("tensor_scalar", x.deps, tuple(srcs), attrs, odt or "float32", P,
+                            env, ext)
+
+    def compute(self, op, deps, srcs, attrs, dtype, P, env, ext, reduce=None) -> Val:
+        """Emit one compute instruction writing a new [P, deps] tile of `dtype` (or reuse the
+        tile of an earlier identical one: value numbering). srcs[0] (and every src with free
+        dims) is read over `deps`; sources without free dims are [P,1] operands."""
+        keys = tuple(s.key for s in srcs)
+        key = None
+        if all(k is not None for k in keys):
+            key = ("v", op, tuple(sorted(attrs.items())), keys, dtype,
+                   tuple(ext[d] for d in deps), P)
+            for m in reversed(self.memo):
+                if key in m:
+                    v = m[key](env, deps)
+                    if reduce is None:
+                        return v
+                    break        # the reduce still has to be computed (from the kept tile)
+            else:
+                v = None
+            if v is not None:    # reduce over a tile already computed
+                op_r, dst2, acc = reduce
+                self.emit_balanced(isa.Instr.make(
+                    "tensor_reduce", "dve", dst2, (self.ap(v, P, list(deps), ext),),
+                    op=op_r, **acc))
+                return v
+        home = self.home if key is not None else None
+        if home is not None:     # keep only what fits easily (a kept tile outlives its stage)
+            n = ITEMSIZE[dtype]
+            for d in deps:
+                n *= ext[d]
+            if self.used("sbuf") + 2 * n > self.spec.sbuf_partition_bytes // 2:
+                home = None
+        name = {"activation": attrs.get("func"), "tensor_scalar": attrs.get("op0"),
+                "tensor_tensor": attrs.get("op"), "tensor_copy": "cast"}.get(op, op)
+        out = self.tile(P, deps, ext, dtype, name, env, depth=home)
+        out.key = key
+        dst = self.ap(out, P, list(deps), ext)
+        full = 1 if op in ("activation", "tensor_scalar") else len(srcs)   # then [P,1] scalars
+        aps = tuple(self.ap(s, P, list(deps) if k < full else [], ext)
+                    for k, s in enumerate(srcs))
+        if reduce is not None:
+            op_r, dst2, acc = reduce
+            self.emit(isa.Instr.make(op, "act", dst, aps, dst2=dst2, reduce_op=op_r, **attrs,
+                                     **acc))
+        else:
+            self.emit_balanced(isa.Instr.make(op, "act" if op == "activation" else "dve", dst,
+                                              aps, **attrs))
+        if key is not None:
+            self.memo[-1 if home is None else home][key] = \
+                lambda e, d, v=out: dataclasses.replace(v, deps=d)
+        return out
 
     def const_tile(self, value: float, P: int, env) -> Val:
         key = ("__const__", value, P)
@@ -882,6 +1047,7 @@ class Lowerer:
             if key in m:
                 return m[key](env, ())
         v = self.tile(P, (), {}, "float32", "const", env)
+        v.key = key
         self.emit(isa.Instr.make("memset", "dve", self.ap(v, P, [], {}), value=float(value)))
         self.memo[-1][key] = lambda e, d, v=v: v
         return v
@@ -892,24 +1058,91 @@ class Lowerer:
             return float(ALU[op](np.float32(a), np.float32(b)))
         if isinstance(a, float) or isinstance(b, float):
             x, c, rev = (b, a, True) if isinstance(a, float) else (a, b, False)
-            out = self.tile(P, x.deps, ext, dst_dtype, op, env)
-            self.emit(isa.Instr.make("tensor_scalar", "dve", self.ap(out, P, list(x.deps), ext),
-                                     (self.ap(x, P, list(x.deps), ext),), op0=op, scalar0=c,
-                                     reverse0=rev))
-            return out
+            return self.tensor_scalar(x, [(op, c, rev)], P, env, ext, dst_dtype)
         deps = tuple(f for f in dims if f in a.deps or f in b.deps)
-        out = self.tile(P, deps, ext, dst_dtype, op, env)
-        dst = self.ap(out, P, list(deps), ext)
         if (not a.deps or not b.deps) and deps and a.mem == "sbuf" and b.mem == "sbuf":
             x, s, rev = (b, a, True) if not a.deps else (a, b, False)
-            self.emit(isa.Instr.make("tensor_scalar", "dve", dst,
-                                     (self.ap(x, P, list(deps), ext), self.ap(s, P, [], ext)),
-                                     op0=op, scalar0="ap", reverse0=rev))
-        else:
-            self.emit(isa.Instr.make("tensor_tensor", "dve", dst,
-                                     (self.ap(a, P, list(deps), ext), self.ap(b, P, list(deps), ext)),
-                                     op=op))
-        return out
+            return self.tensor_scalar(x, [(op, s, rev)], P, env, ext, dst_dtype)
+        return self.compute("tensor_tensor", deps, (a, b), {"op": op}, dst_dtype, P, env, ext)
+
+    # -- engine selection -------------------------------------------------------------------------
+    def engines_for(self, ins: isa.Instr) -> list[str]:
+        ok = [e for e in isa.OPS[ins.op][0] if e in COMPUTE_ENGINES]
+        aps = (ins.dst,) + ins.srcs + ((ins.dst2,) if ins.dst2 is not None else ())
+        if any(a.mem == "psum" for a in aps) or (self.spec.dve_pool_share_sbuf and "dve" in ok):
+            ok = [e for e in ok if e != "pool"] or ok
+        return ok
+
+    def emit_balanced(self, ins: isa.Instr):
+        """Emit `ins` on the engine (of those that can run it) with the lowest estimated load
+        after it (issue intervals x loop trips, from the timing model's cost rules); a wide
+        elementwise instruction is split along its outermost free dimension over several
+        engines when that lowers the busiest one's load by SPLIT_MIN_GAIN."""
+        engines = self.engines_for(ins)
+        trips = self.trips[-1]
+
+        def cost(i, e):
+            return instr_cost(dataclasses.replace(i, engine=e), self.spec).ii_ps * trips
+        best = min(engines, key=lambda e: (self.busy[e] + cost(ins, e), COMPUTE_ENGINES.index(e)))
+        plan = [(best, ins)]
+        peak = self.busy[best] + cost(ins, best)
+        # splitting puts work of one tile on engines that also run other steps of the loop
+        # body (in-order streams): only worth it when this engine would become the bottleneck
+        split = self.split_plan(ins, engines, cost) if peak > SPLIT_BUSY * self.hbm_ps else None
+        if split is not None and split[0] < peak * (1 - SPLIT_MIN_GAIN):
+            plan = split[1]
+        for e, i in plan:
+            self.emit(dataclasses.replace(i, engine=e))
+
+    def split_plan(self, ins: isa.Instr, engines, cost):
+        """(peak load, [(engine, piece)]) of the best split of `ins` over 2+ engines, or None."""
+        if (len(engines) < 2 or ins.op not in ("tensor_tensor", "tensor_scalar", "tensor_copy")
+                or ins.attr("acc") is not None or ins.dst.free_size < SPLIT_MIN_ELEMS):
+            return None
+        shape = ins.dst.shape
+        if not all(a.shape == shape or (ins.op == "tensor_scalar" and k > 0)
+                   for k, a in enumerate(ins.srcs)):
+            return None
+        d = next((k for k in range(1, len(shape)) if shape[k] > 1), None)
+        if d is None:
+            return None
+        units = shape[d]
+        # piece boundaries on dependency granules of every operand (no false WAW between pieces)
+        step = 1
+        for a in (ins.dst, *ins.srcs):
+            if a.shape == shape and a.dims[d][0]:
+                b = abs(a.dims[d][0]) * a.itemsize
+                step = max(step, -(-self.spec.dep_granule_bytes // b))
+        if units < 2 * step:
+            return None
+        full = {e: cost(ins, e) for e in engines}
+        best = None
+        for r in range(2, len(engines) + 1):
+            for subset in _subsets(engines, r):
+                w = {e: full[e] / units * step for e in subset}      # per `step` units
+                n = units // step
+                t = (n + sum(self.busy[e] / w[e] for e in subset)) / sum(1 / w[e] for e in subset)
+                share = {e: int((t - self.busy[e]) / w[e]) for e in subset}
+                if any(k < 1 for k in share.values()):
+                    continue
+                for _ in range(n - sum(share.values())):
+                    e = min(subset, key=lambda e: self.busy[e] + (share[e] + 1) * w[e])
+                    share[e] += 1
+                share = {e: k * step for e, k in share.items()}
+                share[subset[-1]] += units - n * step
+                plan, start = [], 0
+                for e in subset:
+                    k = share[e]
+                    piece = dataclasses.replace(
+                        ins, dst=_slice_ap(ins.dst, d, start, k),
+                        srcs=tuple(_slice_ap(a, d, start, k) if a.shape == shape else a
+                                   for a in ins.srcs))
+                    plan.append((e, piece))
+                    start += k
+                peak = max(self.busy[e] + cost(i, e) for e, i in plan)
+                if best is None or peak < best[0]:
+                    best = (peak, plan)
+        return best
 
     # -- the tile --------------------------------------------------------------------------------
     def reset_on(self, job: Job, env: Env):
@@ -935,7 +1168,13 @@ class Lowerer:
         if job.contract:
             return self.emit_matmul(job, env, ext, acc_mode, reset)
         if job.reduce is None:
-            v = self.eval(job, job.value, env, ext, job.free)
+            if "__acc__" in env.lin:
+                odt = env.lin["__acc__"][3]
+            elif isinstance(job.dest, SlotDest):
+                odt = job.dest.dtype
+            else:
+                odt = self.tensors[job.dest.tensor].dtype
+            v = self.eval(job, job.value, env, ext, job.free, odt=odt)
             if "__acc__" in env.lin:
                 dst = self.ap(self.acc_val(job, env), P, job.free, ext)
                 self.copy_into(v, dst, job.free, ext, P, env)
@@ -943,18 +1182,68 @@ class Lowerer:
                 self.write_dest(job, v, env, ext)
             return
         dims = job.free + job.red_free
-        v = self.eval(job, job.value, env, ext, dims)
-        if isinstance(v, float):
-            v = self.const_tile(v, P, env)
-        acc = self.acc_val(job, env)
-        src = self.ap(v, P, dims, ext)
-        attrs = {"op": job.reduce}
+        attrs = {}
         if acc_mode:
             attrs["acc"] = job.reduce
             if reset is not None:
                 attrs["reset_on"] = reset
-        self.emit(isa.Instr.make("tensor_reduce", "dve", self.ap(acc, P, job.free, ext), (src,),
-                                 **attrs))
+        acc_ap = self.ap(self.acc_val(job, env), P, job.free, ext)
+        if not job.free and job.red_free and self.row_reduce(job, env, ext, dims, P, acc_ap, attrs):
+            return
+        v = self.eval(job, job.value, env, ext, dims)
+        if isinstance(v, float):
+            v = self.const_tile(v, P, env)
+        self.emit_balanced(isa.Instr.make("tensor_reduce", "dve", acc_ap,
+                                          (self.ap(v, P, dims, ext),), op=job.reduce, **attrs))
+
+    def row_reduce(self, job: Job, env: Env, ext, dims, P, acc_ap, attrs) -> bool:
+        """A reduction of each partition's row into [P,1], in one pass where the ISA allows:
+        a plain load -> tensor_reduce (bf16 twice as fast); f(x * s + b) -> the activation
+        with its fused free-axis reduce. A constant factor of a sum is applied to the [P,1]
+        result (sum(v * c) = c * sum(v), to float32 rounding). False: not such a reduction."""
+        e, c = job.value, None
+        if job.reduce == "add" and isinstance(e, Binary) and e.op == "mul":
+            if isinstance(e.b, Const):
+                e, c = e.a, float(e.b.value)
+            elif isinstance(e.a, Const):
+                e, c = e.b, float(e.a.value)
+        if self.scalar_valued(e, dims):
+            return False
+        if isinstance(e, Binary) and e.op == "mul" and e.a == e.b:
+            e = Unary("square", e.a)
+        if c is None:
+            dst2, red_attrs = acc_ap, attrs
+        else:
+            tmp = self.tile(P, (), ext, "float32", f"{job.stage}_part", env)
+            dst2, red_attrs = self.ap(tmp, P, [], ext), {}
+        if isinstance(e, Unary):
+            x, s, b = self.affine_form(job, e.a, env, ext, dims, job.part)
+            func = e.op
+        else:
+            x, s, b = self.affine_form(job, e, env, ext, dims, job.part)
+            func = "copy"
+        if not isinstance(x, Val) or x.deps != tuple(dims):
+            if func != "copy" or s is not None or b is not None:
+                x = self.activation(func, x, s, b, P, env, ext) if isinstance(x, Val) else x
+            if isinstance(x, float):
+                x = self.const_tile(x, P, env)
+            self.emit_balanced(isa.Instr.make("tensor_reduce", "dve", dst2,
+                                              (self.ap(x, P, dims, ext),), op=job.reduce,
+                                              **red_attrs))
+        elif func == "copy" and s is None and b is None:
+            self.emit_balanced(isa.Instr.make("tensor_reduce", "dve", dst2,
+                                              (self.ap(x, P, dims, ext),), op=job.reduce,
+                                              **red_attrs))
+        else:
+            self.activation(func, x, s, b, P, env, ext, reduce=(job.reduce, dst2, red_attrs))
+        if c is not None:
+            ts = isa.Instr.make("tensor_scalar", "dve", acc_ap if not attrs else dst2, (dst2,),
+                                op0="mul", scalar0=c)
+            self.emit_balanced(ts)
+            if attrs:
+                self.emit_balanced(isa.Instr.make("tensor_reduce", "dve", acc_ap, (dst2,),
+                                                  op="add", **attrs))
+        return True
 
     def emit_matmul(self, job: Job, env: Env, ext, acc_mode, reset):
         st_ld, mv_ld = job.ops
@@ -978,9 +1267,22 @@ class Lowerer:
         if v.dtype == want:
             return v
         out = self.tile(K, v.deps, ext, want, "mmcast", env)
-        self.emit(isa.Instr.make("tensor_copy", "dve", self.ap(out, K, list(v.deps), ext),
-                                 (self.ap(v, K, list(v.deps), ext),)))
+        self.emit_balanced(isa.Instr.make("tensor_copy", "dve", self.ap(out, K, list(v.deps), ext),
+                                          (self.ap(v, K, list(v.deps), ext),)))
         return out
+
+
+def _subsets(items, r):
+    from itertools import combinations  # noqa: PLC0415
+    return combinations(items, r)
+
+
+def _slice_ap(ap: isa.AP, d: int, start: int, n: int) -> isa.AP:
+    """Elements [start, start + n) of dimension d (a free dimension) of `ap`."""
+    stride, _ = ap.dims[d]
+    unit = 1 if ap.mem == "hbm" else ap.itemsize
+    return dataclasses.replace(ap, offset=ap.offset + start * stride * unit,
+                               dims=ap.dims[:d] + ((stride, n),) + ap.dims[d + 1:])
 
 
 def _sub_ap(ap: isa.AP, start: int, n: int) -> isa.AP:
@@ -1133,7 +1435,9 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
         ss = sched.state.get(st.name)
         if ss.attach:
             continue
-        for ld in st.reads():
+        inside = [p for p in prog.stages   # stages computed inside this one read from HBM too
+                  if sched.state.get(p.name).attach and sched.state.get(p.name).attach[0] == st.name]
+        for ld in [ld for x in (st, *inside) for ld in x.reads()]:
             for t, v, name, shape, lo in pads:
                 if ld.tensor == name and name not in filled:
                     fill_padded(lw, t, v, name, shape, lo)
@@ -1299,6 +1603,9 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
             nslots *= nom[u]
         what = (f"cache_read of {tensor!r} at {job.stage}.{at}" if producer is None else
                 f"compute_at of {producer.name!r} at {job.stage}.{at}")
+        if producer is None and _box_fill(lw, job, ld, part, deps, slots, nom, nslots * per,
+                                          env, what):
+            continue
         base, bname = lw.alloc("sbuf", nslots * per * ITEMSIZE[dtype], f"{tensor}_cache", env,
                                what)
         slot_stride, s = {}, per
@@ -1318,6 +1625,7 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                 b = b + e.lin[u].scale(st_ * ITEMSIZE[dtype])
             return Val("sbuf", b, tuple(d), strides, dtype, bname)
         memo = lw.memo[-1]
+        home = len(lw.memo) - 1 if not slots else None
         if producer is None and _staged_fill(lw, job, ld, part, deps, slots, nom, slot_val, memo,
                                              env):
             continue
@@ -1335,7 +1643,7 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                 if producer is None:
                     lw.load(ld, part, deps, e, ext, ext[part], into=into)
                 else:
-                    lw.virtual(producer, ld, part, deps, e, ext, into=into)
+                    lw.virtual(producer, ld, part, deps, e, ext, into=into, home=home)
         fill(env)
 
 
@@ -1345,20 +1653,30 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
     DMAs: for each iteration of the slot loops that move across rows, the rows of every slot
     along the contiguous direction are loaded at once into a staging tile [F x span], then
     each slot is transposed out of it. Returns False (nothing emitted) when the fill does not
-    have that shape; the caller then fills slot by slot."""
+    have that shape; the caller then fills slot by slot.
+    The partition loop need not be the contiguous one: when the slot loops inside its stride
+    tile the row (conv weights [O, C, KH, KW] read as [c, o] per tap: c strides by KH*KW, the
+    taps fill the gaps), the row is still loaded whole and each slot transposes a strided
+    view of it."""
     fl = lw.flat(ld.tensor, ld.index)
-    if len(deps) != 1 or fl.coef(part) != 1 or not lw.transposing(fl, part, deps, nom):
+    if len(deps) != 1 or fl.coef(part) < 1:
         return False
     f = deps[0]
+    if not (abs(fl.coef(f)) > 1 and 1 < nom[part] and nom[f] <= lw.spec.partitions
+            and nom[part] * 4 <= lw.spec.psum_bank_bytes):   # Lowerer.transposing, any stride
+        return False
     for u in (part, f, *slots):
         sp = job.split_of.get(u)
         if sp is not None and sp.tail:
             return False
-    row, span = [], nom[part]
-    for u in sorted(slots, key=lambda u: abs(fl.coef(u))):
+    row, span = [], 1           # the contiguous chain of part and slot loops, from stride 1
+    for u in sorted((part, *slots), key=lambda u: fl.coef(u)):
         if fl.coef(u) == span:
             row.append(u)
             span *= nom[u]
+    if part not in row:
+        return False
+    row.remove(part)
     dtype = lw.tensors[ld.tensor].dtype
     if not row or span * ITEMSIZE[dtype] > lw.spec.sbuf_partition_bytes // 8:
         return False
@@ -1413,7 +1731,7 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 b = base
                 for u in row:
                     b = b + e2.lin[u].scale(coef[u] * ITEMSIZE[dtype])
-                nat = Val("sbuf", b, (part,), (1,), dtype, bname)
+                nat = Val("sbuf", b, (part,), (fl.coef(part),), dtype, bname)
                 ext2 = dict(ext)
                 into = slot_val(e2)
                 memo[lw.operand_key(ld, part, deps, key_env or e2, ext2)] = slot_val
@@ -1426,6 +1744,64 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 lw.transpose_into(nat, into, part, f, ext2, env_t, engine)
             each(e)
     stage(env)
+    return True
+
+
+def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot_elems: int,
+              env: Env, what: str) -> bool:
+    """A cache_read whose slots overlap: the slot loops shift a window that the tile's free
+    loops also walk (a convolution's taps, X[c, h + kh, w + kw]). The box of the tensor that
+    every slot reads, [part, box dims...], is loaded with one DMA, and each slot reads a
+    strided view of it at its offset (no per-slot copies). Returns False (nothing emitted)
+    when the read does not have that shape or the box is not smaller than the slots."""
+    if not slots:
+        return False
+    inner = (part, *deps, *slots)
+    for u in inner:
+        sp = job.split_of.get(u)
+        if (sp is not None and sp.tail) or u in job.unroll:
+            return False
+    coef = [{a: ix.coef(a) for a in inner if ix.coef(a)} for ix in ld.index]
+    dp = [d for d, c in enumerate(coef) if part in c]
+    if len(dp) != 1 or coef[dp[0]] != {part: 1} or any(c < 0 for cd in coef for c in cd.values()):
+        return False
+    box = [(d, 1 + sum(c * (nom[a] - 1) for a, c in cd.items()))
+           for d, cd in enumerate(coef) if cd and d != dp[0]]
+    elems = 1
+    for _, n in box:
+        elems *= n
+    t = lw.tensors[ld.tensor]
+    size = elems * ITEMSIZE[t.dtype]
+    if elems >= slot_elems or size > lw.spec.sbuf_partition_bytes // 4:
+        return False
+    bstride, n = {}, 1
+    for d, e in reversed(box):
+        bstride[d] = n
+        n *= e
+    tstride = _strides(t.shape)
+    base, bname = lw.alloc("sbuf", size, f"{ld.tensor}_box", env, what)
+    ext = dict(env.ext)
+    for a in (part, *deps):
+        ext[a] = nom[a]
+    off = lw.split_affine(Affine(tuple((v, c) for v, c in lw.flat(ld.tensor, ld.index).terms
+                                       if v not in inner), lw.flat(ld.tensor, ld.index).const), env)
+    lw.dma(isa.AP("sbuf", bname, t.dtype, base.addr(), ((1, nom[part]),) +
+                  tuple((bstride[d], e) for d, e in box)),
+           isa.AP("hbm", ld.tensor, t.dtype, off.addr(), ((tstride[dp[0]], nom[part]),) +
+                  tuple((tstride[d], e) for d, e in box)))
+
+    def view(e, d_=deps):
+        b = base
+        for u in slots:
+            b = b + e.lin[u].scale(sum(cd.get(u, 0) * bstride.get(d, 0)
+                                       for d, cd in enumerate(coef)) * ITEMSIZE[t.dtype])
+        strides = tuple(sum(cd.get(f, 0) * bstride.get(d, 0) for d, cd in enumerate(coef))
+                        for f in deps)
+        return Val("sbuf", b, tuple(d_), strides, t.dtype, bname)
+    key_env = env
+    for u in slots:   # the consumer's loops over the slots bind these (extent 1: a constant)
+        key_env = key_env.bind(u, Lin.var(u) if lw.nominal(job, u, env) > 1 else Lin(0))
+    lw.memo[-1][lw.operand_key(ld, part, deps, key_env, ext)] = view
     return True
 
 
