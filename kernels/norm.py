@@ -143,7 +143,7 @@ rmsnorm_matmul_algo.name = "rmsnorm_matmul"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"mt": 128, "nt": 8192, "pipe": 2, "cache_x": True}
+DEFAULT = {"mt": 128, "nt": 8192, "pipe": 3, "cache_x": True}
 
 
 def _out_stage(s):

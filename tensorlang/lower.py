@@ -370,6 +370,7 @@ class Lowerer:
         self.busy = {e: 0 for e in COMPUTE_ENGINES}       # estimated busy ps per engine so far
         self.trips = [1]                                  # iterations of the enclosing ISA loops
         self.home: int | None = None                      # memo level for kept intermediates
+        self.home_funcs: set = set()                      # activation functions the consumer uses
         hbm = sum(int(np.prod(t.shape)) * ITEMSIZE[t.dtype] for t in (*prog.inputs, *prog.outputs))
         self.hbm_ps = hbm * 1000.0 / spec.dma_gbps         # the memory floor of the kernel
 
@@ -771,12 +772,68 @@ class Lowerer:
                 return dataclasses.replace(m[key](env, deps), key=key)
         P = ext[part]
         producer = self.stage_of_tensor.get(ld.tensor)
+        level = -1
         if producer is not None and producer.name in self.attached:
             v = self.virtual(producer, ld, part, deps, env, ext)
+        elif self.invariant_broadcast(ld, part, deps, env, ext):
+            v, level = self.broadcast(ld, part, deps, env, ext), 1
         else:
             v = self.load(ld, part, deps, env, ext, P)
-        self.memo[-1][key] = lambda e, d, v=v: dataclasses.replace(v, deps=d)
+        self.memo[level][key] = lambda e, d, v=v: dataclasses.replace(v, deps=d)
         return dataclasses.replace(v, key=key)
+
+    def invariant_broadcast(self, ld: Load, part, deps, env, ext) -> bool:
+        """A read the same on every partition and at every loop iteration (a per-feature
+        vector such as gamma[j] of a row tile): loaded once for the whole root job."""
+        if len(self.memo) < 2 or ext[part] < 2 or not deps or self.trips[-1] < 2:
+            return False
+        fl = self.flat(ld.tensor, ld.index)
+        if fl.coef(part) or any(v in env.lin and env.lin[v].terms for v, _ in fl.terms):
+            return False
+        n = ITEMSIZE[self.tensors[ld.tensor].dtype]
+        for d in deps:
+            n *= ext[d]
+        return self.used("sbuf") + n <= self.spec.sbuf_partition_bytes // 2
+
+    def broadcast(self, ld: Load, part, deps, env, ext) -> Val:
+        """Emitted before the root job's loops: one row [1, F] from HBM, copied to all P
+        partitions on chip (tensor engine: ones[1, P]^T @ row[1, <=N] into PSUM, then a
+        copy out) -- a broadcast DMA would read the row from HBM P times."""
+        t = self.tensors[ld.tensor]
+        P = ext[part]
+        body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
+        root = Env({}, dict(ext))
+        try:
+            v = self.tile(P, deps, ext, t.dtype, f"{ld.tensor}_bc", root, depth=1)
+            src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
+            row_ok = len(deps) == 1 and t.dtype in self.spec.pe_rate
+            if not row_ok:
+                self.dma(self.ap(v, P, list(deps), ext), src)
+                return v
+            F = ext[deps[0]]
+            with self.level():
+                row = self.tile(1, deps, ext, t.dtype, f"{ld.tensor}_row", root)
+                self.dma(self.ap(row, 1, list(deps), ext),
+                         dataclasses.replace(src, dims=((1, 1),) + src.dims[1:]))
+                ones = self.tile(1, ("__p",), {"__p": P}, t.dtype, "ones", root)
+                ones_ap = self.ap(ones, 1, ["__p"], {"__p": P})
+                self.emit(isa.Instr.make("memset", "dve", ones_ap, value=1.0))
+                n = self.spec.matmul_max_n
+                for c in range(0, F, n):
+                    k = min(n, F - c)
+                    with self.level():
+                        ps = self.tile(P, ("__c",), {"__c": k}, "float32", f"{ld.tensor}_ps",
+                                       root, mem="psum")
+                        ps_ap = self.ap(ps, P, ["__c"], {"__c": k})
+                        mov = isa.AP("sbuf", row.name, t.dtype,
+                                     row.base.addr() + c * ITEMSIZE[t.dtype], ((1, 1), (1, k)))
+                        self.emit(isa.Instr.make("matmul", "pe", ps_ap, (ones_ap, mov)))
+                        dst = isa.AP("sbuf", v.name, t.dtype, v.base.addr() + c * ITEMSIZE[t.dtype],
+                                     ((1, P), (1, k)))
+                        self.emit_balanced(isa.Instr.make("tensor_copy", "act", dst, (ps_ap,)))
+            return v
+        finally:
+            self.body, self.trips = body, trips
 
     def load(self, ld: Load, part: str, deps, env: Env, ext, P: int, into: Val | None = None) -> Val:
         t = self.tensors[ld.tensor]
@@ -840,9 +897,14 @@ class Lowerer:
                    env.loops, dict(env.pipe))
         for a in (part, *deps):
             env2.ext[a] = ext[a]
-        outer, self.home = self.home, (home if not job.loops else None)
+        outer = self.home, self.home_funcs
+        self.home = home if not job.loops else None
+        if home is not None:
+            from .ir import walk  # noqa: PLC0415
+            consumer = self.prog.stage(self.attached[producer.name][0])
+            self.home_funcs = {x.op for x in walk(consumer.value) if isinstance(x, Unary)}
         self.run_job(job, env2)
-        self.home = outer
+        self.home, self.home_funcs = outer
         return v
 
     # -- expression evaluation: instruction selection ---------------------------------------
@@ -1015,6 +1077,8 @@ class Lowerer:
                     op=op_r, **acc))
                 return v
         home = self.home if key is not None else None
+        if reduce is not None and attrs.get("func") not in self.home_funcs:
+            home = None          # a reduction's elementwise result no consumer recomputes
         if home is not None:     # keep only what fits easily (a kept tile outlives its stage)
             n = ITEMSIZE[dtype]
             for d in deps:
@@ -1603,8 +1667,7 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
             nslots *= nom[u]
         what = (f"cache_read of {tensor!r} at {job.stage}.{at}" if producer is None else
                 f"compute_at of {producer.name!r} at {job.stage}.{at}")
-        if producer is None and _box_fill(lw, job, ld, part, deps, slots, nom, nslots * per,
-                                          env, what):
+        if _box_fill(lw, job, ld, part, deps, slots, nom, nslots * per, env, what, producer):
             continue
         base, bname = lw.alloc("sbuf", nslots * per * ITEMSIZE[dtype], f"{tensor}_cache", env,
                                what)
@@ -1748,12 +1811,13 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
 
 
 def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot_elems: int,
-              env: Env, what: str) -> bool:
-    """A cache_read whose slots overlap: the slot loops shift a window that the tile's free
+              env: Env, what: str, producer=None) -> bool:
+    """A hoisted read whose slots overlap: the slot loops shift a window that the tile's free
     loops also walk (a convolution's taps, X[c, h + kh, w + kw]). The box of the tensor that
-    every slot reads, [part, box dims...], is loaded with one DMA, and each slot reads a
-    strided view of it at its offset (no per-slot copies). Returns False (nothing emitted)
-    when the read does not have that shape or the box is not smaller than the slots."""
+    every slot reads, [part, box dims...], is filled once -- one DMA (cache_read) or one
+    evaluation of the producer over the box (compute_at) -- and each slot reads a strided
+    view of it at its offset (no per-slot copies). Returns False (nothing emitted) when the
+    read does not have that shape or the box is not smaller than the slots."""
     if not slots:
         return False
     inner = (part, *deps, *slots)
@@ -1783,12 +1847,26 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
     ext = dict(env.ext)
     for a in (part, *deps):
         ext[a] = nom[a]
-    off = lw.split_affine(Affine(tuple((v, c) for v, c in lw.flat(ld.tensor, ld.index).terms
-                                       if v not in inner), lw.flat(ld.tensor, ld.index).const), env)
-    lw.dma(isa.AP("sbuf", bname, t.dtype, base.addr(), ((1, nom[part]),) +
-                  tuple((bstride[d], e) for d, e in box)),
-           isa.AP("hbm", ld.tensor, t.dtype, off.addr(), ((tstride[dp[0]], nom[part]),) +
-                  tuple((tstride[d], e) for d, e in box)))
+    if producer is None:
+        fl = lw.flat(ld.tensor, ld.index)
+        off = lw.split_affine(Affine(tuple((v, c) for v, c in fl.terms if v not in inner),
+                                     fl.const), env)
+        lw.dma(isa.AP("sbuf", bname, t.dtype, base.addr(), ((1, nom[part]),) +
+                      tuple((bstride[d], e) for d, e in box)),
+               isa.AP("hbm", ld.tensor, t.dtype, off.addr(), ((tstride[dp[0]], nom[part]),) +
+                      tuple((tstride[d], e) for d, e in box)))
+    else:   # the producer over the box: its index is the read's outer part + a box atom
+        batoms = {d: lw.fresh(f"{ld.tensor}_b{d}") for d, _ in box}
+        index = tuple(Affine(tuple((v, c) for v, c in ix.terms if v not in inner), ix.const)
+                      + Affine.var(batoms[d]) if d in batoms else ix
+                      for d, ix in enumerate(ld.index))
+        bext = dict(ext)
+        bext.update({batoms[d]: e for d, e in box})
+        bdeps = tuple(batoms[d] for d, _ in box)
+        into = Val("sbuf", base, bdeps, tuple(bstride[d] for d, _ in box), t.dtype, bname)
+        with lw.level():
+            lw.virtual(producer, dataclasses.replace(ld, index=index), part, bdeps, env, bext,
+                       into=into)
 
     def view(e, d_=deps):
         b = base
@@ -1844,22 +1922,20 @@ def fill_padded(lw: Lowerer, src: str, value: float, name: str, shape, lo):
             rem -= (rem // cols) * cols
         if rem:
             put(off, 1, rem)
-    # interior copy, one DMA per leading index, [rows, cols] of the last two dims
+    # interior copy: one DMA over every dimension (adjacent dimensions merged where both
+    # sides are contiguous across them); the queue split cuts it along the outermost one
     src_shape = lw.tensors[src].shape
-    sstr = _strides(src_shape)
-    dstr = _strides(shape)
-    lead = src_shape[:-2] if len(src_shape) >= 2 else ()
-    for idx in np.ndindex(*lead) if lead else [()]:
-        so = sum(i * s for i, s in zip(idx, sstr))
-        do = sum((i + l) * s for i, l, s in zip(idx, lo, dstr))
-        do += sum(l * s for l, s in zip(lo[len(lead):], dstr[len(lead):]))
-        if len(src_shape) >= 2:
-            sd = ((sstr[-2], src_shape[-2]), (1, src_shape[-1]))
-            dd = ((dstr[-2], src_shape[-2]), (1, src_shape[-1]))
-        else:
-            sd = ((1, 1), (1, src_shape[-1]))
-            dd = ((1, 1), (1, src_shape[-1]))
-        lw.dma(isa.AP("hbm", name, dtype, isa.Addr(do), dd), isa.AP("hbm", src, dtype, isa.Addr(so), sd))
+    sstr, dstr = _strides(src_shape), _strides(shape)
+    dims = []                                   # [src stride, dst stride, extent], outer first
+    for ss_, ds_, n in zip(sstr, dstr, src_shape):
+        if dims and dims[-1][0] == ss_ * n and dims[-1][1] == ds_ * n:
+            dims[-1] = [ss_, ds_, dims[-1][2] * n]
+        elif n > 1 or not dims:
+            dims.append([ss_, ds_, n])
+    dims = [[1, 1, 1]] * (2 - len(dims)) + dims
+    do = sum(l * s_ for l, s_ in zip(lo, dstr))
+    lw.dma(isa.AP("hbm", name, dtype, isa.Addr(do), tuple((d, n) for _, d, n in dims)),
+           isa.AP("hbm", src, dtype, isa.Addr(0), tuple((s_, n) for s_, _, n in dims)))
 
 
 def _strides(shape):
