@@ -274,3 +274,96 @@ def test_cli_errors_are_one_line(capsys):
     assert "neither a library kernel" in err and "Traceback" not in err
     assert cli.main(["run", "matmul", "--shape", "4x4"]) == 2
     assert "comma-separated" in capsys.readouterr().err
+
+
+# -- instruction selection (lowering) -------------------------------------------------------------
+
+def _body_ops(kern):
+    return [ln.split()[0] for ln in kern.asm().splitlines() if ln.startswith("  ")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_softmax_template_is_one_exp_pass_per_tile_and_exact(dtype):
+    """exp(x - max) becomes one activation (bias = -max) that also sums the row; the output
+    pass reuses its tile (value numbering) and writes the store dtype directly."""
+    specs, static = workload("softmax", (256, 512), dtype)
+    prog = kernels.softmax.trace(*specs)
+    kern = kernels.softmax.template_schedule(prog, "trn2", 0).build("trn2")
+    ops = _body_ops(kern)
+    assert sum(o.startswith("activation") for o in ops) == 1
+    assert "reduce_op=add" in kern.asm() and "bias=ap" in kern.asm()
+    assert not any(o.startswith("tensor_copy") for o in ops)
+    X = random_array((256, 512), dtype, seed=3)
+    assert_close(kern.run(X), prog.reference(X), dtype)
+
+
+def test_norm_statistics_fuse_and_gamma_is_loaded_once():
+    """rmsnorm: the sum of squares is the square activation's fused reduce; gamma[j] is loaded
+    once before the row-tile loop and broadcast on chip (tensor engine), not per tile."""
+    specs, static = workload("rmsnorm", (512, 1024), "bfloat16")
+    prog = kernels.rmsnorm.trace(*specs)
+    kern = kernels.rmsnorm.template_schedule(prog, "trn2", 0).build("trn2")
+    asm = kern.asm()
+    assert "func=square reduce_op=add" in asm
+    top = [ln for ln in asm.splitlines() if not ln.startswith(" ") and "gamma" in ln
+           and ln.startswith(("dma", "matmul"))]
+    assert top, "gamma is not loaded before the loop"
+    assert not any("gamma" in ln and ln.lstrip().startswith("dma") for ln in asm.splitlines()
+                   if ln.startswith("  "))
+    X, g = random_array((512, 1024), "bfloat16", seed=1), random_array((1024,), "bfloat16", seed=2)
+    assert_close(kern.run(X, g), prog.reference(X, g), "bfloat16")
+
+
+def test_wide_elementwise_ops_are_split_over_engines_when_they_would_bound_the_kernel():
+    specs, static = workload("swiglu", (128, 11008), "bfloat16")
+    prog = kernels.swiglu.trace(*specs)
+    kern = kernels.swiglu.template_schedule(prog, "trn2", 0).build("trn2")
+    engines = {ln.split()[0] for ln in kern.asm().splitlines() if "tensor_tensor" in ln}
+    assert len(engines) >= 2, engines
+    X, G = (random_array((128, 11008), "bfloat16", seed=s) for s in (1, 2))
+    assert_close(kern.run(X, G), prog.reference(X, G), "bfloat16")
+
+
+# -- conv and attention expert templates (no records) ----------------------------------------------
+
+TEMPLATE_CONVS = [((1, 16, 8, 8), (32, 16, 3, 3), 1, 1, 1), ((2, 8, 9, 9), (16, 8, 3, 3), 2, 0, 1),
+                  ((1, 8, 10, 10), (8, 8, 3, 3), 1, 2, 2), ((1, 200, 30, 30), (136, 200, 3, 3), 1, 1, 1),
+                  ((1, 130, 12, 12), (64, 130, 5, 5), 2, 2, 1), ((1, 64, 28, 28), (64, 64, 1, 1), 1, 0, 1)]
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation", TEMPLATE_CONVS)
+def test_conv2d_expert_template(xs, ws, stride, padding, dilation):
+    X, Wt = R(xs), R(ws, seed=1)
+    st = dict(stride=stride, padding=padding, dilation=dilation)
+    k = kernels.conv2d.compile(X, Wt, use_records=False, **st)
+    assert k.choice.source == "template expert"
+    assert_close(k.run(X, Wt), conv_ref(X, Wt, **st), "bfloat16", what=f"conv2d {xs} {ws} {st}")
+
+
+def test_conv2d_template_keeps_weights_and_padded_input_on_chip():
+    """Weights load as whole rows [o, c*kh*kw] and transpose per tap on the tensor engine;
+    the padded input is computed on chip once per channel step (one box shared by the taps),
+    never stored to HBM."""
+    X, Wt = R((1, 64, 14, 14)), R((64, 64, 3, 3), seed=1)
+    k = kernels.conv2d.compile(X, Wt, padding=1, use_records=False)
+    asm = k.asm()
+    assert "Wt_rows" in asm and "transpose.pe" in asm
+    assert "Xp_box" in asm and "tensor Xp " not in asm
+    assert sum(ln.strip().startswith("matmul.pe") for ln in asm.splitlines()) == 1   # in the tap loops
+
+
+def test_compute_at_of_a_stage_reading_a_padded_tensor():
+    """A producer computed inside its consumer that reads a padded input: the padded copy is
+    filled before the consumer runs."""
+    X, Wt = R((1, 16, 6, 6), "float32"), R((16, 16, 3, 3), "float32", seed=1)
+    prog = kernels.conv2d.trace(X, Wt, padding=1)
+    s = prog.schedule()
+    n, o, h, w = s.axes("Y")
+    kh, kw, c = s.reduce_axes("Y")
+    s.reorder(n, o, c, kh, kw, h, w)
+    s.partition(o)
+    s.vectorize(h)
+    s.vectorize(w)
+    s.tensorize(c, "matmul")
+    s.compute_at("Xp", kh)
+    assert_close(s.build().run(X, Wt), conv_ref(X, Wt, 1, 1, 1), "float32")
