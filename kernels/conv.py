@@ -84,15 +84,22 @@ depthwise_algo.name = "depthwise_conv2d"
 DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 2}
 
 
+def _even(n: int, want: int) -> int:
+    """A split factor <= want that cuts n into equal parts when one exists (no tail: the
+    staged and box fills need whole tiles), else `want`."""
+    parts = -(-n // max(1, want))
+    return n // parts if n % parts == 0 else fit(n, want)
+
+
 def _spatial_free(s, stage, h, w, limit):
     """Vectorize w, and h too when whole rows fit the free size; returns the outer h loop."""
     if ext(s, w) > limit:
-        wo, wi = s.split(w, limit)
+        wo, wi = s.split(w, _even(ext(s, w), limit))
         return [h, wo], [wi]
     rows = max(1, limit // ext(s, w))
     if rows >= ext(s, h):
         return [], [h, w]
-    ho, hi = s.split(h, rows)
+    ho, hi = s.split(h, _even(ext(s, h), rows))
     return [ho], [hi, w]
 
 
@@ -102,8 +109,8 @@ def template(s, cfg):
     as accumulation loops; the channel-step loop multi-buffered."""
     n, o, h, w = s.axes("Y")
     kh, kw, c = s.reduce_axes("Y")
-    oo, oi = s.split(o, fit(ext(s, o), cfg["ot"]))
-    co, ci = s.split(c, fit(ext(s, c), cfg["ct"]))
+    oo, oi = s.split(o, _even(ext(s, o), cfg["ot"]))
+    co, ci = s.split(c, _even(ext(s, c), cfg["ct"]))
     outer, free = _spatial_free(s, "Y", h, w, cfg["free"])
     s.reorder(n, oo, *outer, co, kh, kw, oi, *free, ci)
     s.partition(oi)
@@ -112,10 +119,11 @@ def template(s, cfg):
     s.tensorize(ci, "matmul")
     if cfg["pipe"] > 1 and ext(s, co) > 1:
         s.pipeline(co, cfg["pipe"])
-    if len(s.prog.stages) > 1:  # the padded copy: channels on the partitions, rows free
-        _, cc, hh, ww = s.axes("Xp")
-        s.partition(s.split(cc, fit(ext(s, cc), 128))[1])
-        s.vectorize(ww)
+    s.cache_read("Wt", "sbuf", oo)   # natural rows [o, c*kh*kw], transposed per tap on chip
+    if len(s.prog.stages) > 1:  # the zero-padded input, computed on chip per channel step
+        s.compute_at("Xp", co)
+    else:                       # one window box per channel step, shared by the taps
+        s.cache_read("X", "sbuf", co)
 
 
 def simple(s, cfg):
