@@ -105,6 +105,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -123,14 +124,15 @@ ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3": 1, "float8
 # bytecode
 INSTR, LOOP_BEGIN, LOOP_END = 0, 1, 2
 # per-static-instruction table columns
-I_STREAM, I_II, I_LAT, I_DMA, I_HBM, I_CAPF, I_PORTS, I_OP0, I_NR, I_NW = range(10)
-I_COLS = 10
-# per-operand table columns
-O_GOFF, O_NG, O_G, O_SH, O_BASE, O_T0, O_T1, O_R, O_PITCH, O_E, O_KIND, O_MASK = range(12)
+I_STREAM, I_II, I_LAT, I_DMA, I_HBM, I_PORTS, I_OP0, I_NOPS = range(8)
+I_COLS = 8
+# per-operand table columns (O_RUNS == 0: untracked operand)
+(O_CBASE, O_ROWS, O_RB, O_RBSH, O_NCOL, O_G, O_GSH, O_BASE, O_T0, O_T1, O_RUNS, O_PITCH, O_E,
+ O_SPAN, O_KIND, O_DYN, O_MASK, O_NROWS) = range(18)
+O_COLS = 18
 K_READ, K_WRITE_WAR, K_WRITE = 0, 1, 2      # operand kinds (a write needs WAR checks only if
                                             # some instruction reads its region)
-O_COLS = 12
-MASK_BITS = 32                  # partition blocks tracked per granule (bits of an int64 mask)
+MASK_BITS = 32                  # row sub-blocks tracked per cell (bits of an int64 mask)
 FULL_MASK = (1 << MASK_BITS) - 1
 PORT_SBUF, PORT_PSUM = 1, 2
 
@@ -320,37 +322,66 @@ def instr_cost(ins: Instr, spec: MachineSpec) -> Cost:
 # footprints
 
 
+class Region(NamedTuple):
+    """A def-use region as a grid of cells: rows (SBUF/PSUM: partitions; an HBM tensor: all
+    but its last dimension) in blocks of `row_block(spec)` rows, times granules of `gran`
+    bytes of a row."""
+    rows: int
+    row_bytes: int
+    gran: int
+    ncol: int           # granules per row
+    cells: int          # row blocks * ncol
+
+
 @dataclass(frozen=True)
 class Footprint:
-    """Static geometry of an operand's granule footprint.
+    """Static geometry of an operand's footprint (see the module docstring).
 
-    The dynamic byte offset is a = offset.eval(env) * scale + adj; the access touches rows
-    r = 0..R-1 of bytes [a + r*pitch, a + r*pitch + E) of region `region`.
+    The dynamic byte address is a = offset.eval(env) * scale + adj. HBM (dyn): rows
+    a // row_bytes .. + nrows - 1, columns from a % row_bytes. SBUF/PSUM: rows (partitions)
+    r0 .. r0 + nrows - 1, columns from a. Columns: runs r = 0..R-1 of bytes
+    [col + r*pitch, col + r*pitch + extent); span = (R-1)*pitch + extent.
     """
     region: object      # "sbuf" | "psum" | ("hbm", tensor name)
     scale: int          # bytes per offset unit
     adj: int            # bytes added to the scaled offset (negative strides)
-    rows: int
+    dyn: bool           # rows from the address (HBM) or static (SBUF/PSUM partitions)
+    r0: int
+    nrows: int
+    runs: int
     pitch: int
     extent: int
+    span: int
+
+
+def partition_block(spec: MachineSpec) -> int:
+    """Partitions (HBM: rows) per bit of the WAW mask: writes to disjoint blocks of this many
+    partitions do not order each other."""
+    return max(1, -(-spec.partitions // MASK_BITS))
+
+
+def row_block(spec: MachineSpec) -> int:
+    """Rows per row block of a region (one MASK_BITS-bit mask covers a row block)."""
+    return MASK_BITS * partition_block(spec)
 
 
 def regions(program: Program, spec: MachineSpec) -> dict:
-    """region -> (first granule, granule count, granule bytes), in a fixed order."""
+    """region key -> Region, in a fixed order (sbuf, psum, the HBM tensors)."""
     out = {}
-    g = 0
-    for key, nbytes, gb in (("sbuf", spec.sbuf_partition_bytes, spec.dep_granule_bytes),
-                            ("psum", spec.psum_partition_bytes, spec.dep_granule_bytes)):
-        n = max(1, -(-nbytes // gb))
-        out[key] = (g, n, gb)
-        g += n
-    gb = spec.hbm_granule_bytes
+    rbk = row_block(spec)
+    g = spec.dep_granule_bytes
+    for key, nbytes in (("sbuf", spec.sbuf_partition_bytes), ("psum", spec.psum_partition_bytes)):
+        ncol = max(1, -(-nbytes // g))
+        out[key] = Region(spec.partitions, nbytes, g, ncol, -(-spec.partitions // rbk) * ncol)
+    g = spec.hbm_granule_bytes
     for t in program.tensors:
-        nbytes = itemsize(t.dtype) * math.prod(t.shape)
-        n = max(1, -(-nbytes // gb))
-        out[("hbm", t.name)] = (g, n, gb)
-        g += n
+        shape = tuple(t.shape) or (1,)
+        rows = max(1, math.prod(shape[:-1]))
+        rb = max(1, shape[-1] * itemsize(t.dtype))
+        ncol = -(-rb // g)
+        out[("hbm", t.name)] = Region(rows, rb, g, ncol, -(-rows // rbk) * ncol)
     return out
+
 
 
 def footprint(ap: AP, program: Program, spec: MachineSpec, regs: dict) -> Footprint:
@@ -367,7 +398,10 @@ def footprint(ap: AP, program: Program, spec: MachineSpec, regs: dict) -> Footpr
     else:
         raise SimError(f"unknown memory {ap.mem!r} for operand {ap.name!r}; "
                        "known: hbm, sbuf, psum")
+    reg = regs[key]
+    rb = reg.row_bytes
     adj = 0
+    row_span = 0
     ds = []
     for stride, size in dims:
         if size <= 1 or stride == 0:
@@ -376,20 +410,27 @@ def footprint(ap: AP, program: Program, spec: MachineSpec, regs: dict) -> Footpr
         if sb < 0:
             adj += sb * (size - 1)
             sb = -sb
-        ds.append((sb, size))
+        if key[0] == "hbm" and sb % rb == 0:
+            row_span += sb // rb * (size - 1)        # steps whole rows
+        else:
+            ds.append((sb, size))
+    if key[0] == "hbm":
+        dyn, r0, nrows = True, 0, row_span + 1
+    else:
+        stride, n = ap.dims[0]
+        dyn, r0 = False, ap.part + min(0, stride * (n - 1))
+        nrows = abs(stride) * (n - 1) + 1
     if not ds:
-        return Footprint(key, scale, adj, 1, 0, es)
+        return Footprint(key, scale, adj, dyn, r0, nrows, 1, 0, es, es)
     span = sum(sb * (size - 1) for sb, size in ds) + es
     k = max(range(len(ds)), key=lambda i: ds[i][0])
-    pitch, rows = ds[k]
-    extent = span - pitch * (rows - 1)
-    g = regs[key][2]
-    # rows only when the gap between them can hold a whole granule (otherwise they touch
-    # every granule of the bounding range anyway); then rows <= span / granule + 1, so the
-    # row walk costs at most ~2x the bounding walk
-    if pitch >= extent + g:
-        return Footprint(key, scale, adj, rows, pitch, extent)
-    return Footprint(key, scale, adj, 1, 0, span)
+    pitch, runs = ds[k]
+    extent = span - pitch * (runs - 1)
+    # separate runs only when the gap between them can hold a whole granule (otherwise they
+    # touch every granule of the bounding range anyway); then runs <= span / granule + 1
+    if pitch >= extent + reg.gran:
+        return Footprint(key, scale, adj, dyn, r0, nrows, runs, pitch, extent, span)
+    return Footprint(key, scale, adj, dyn, r0, nrows, 1, 0, span, span)
 
 
 # ----------------------------------------------------------------------------------------
@@ -404,30 +445,11 @@ class Flat:
     otab: np.ndarray        # [operands, O_COLS]
     terms: np.ndarray       # [terms, 4] (level, byte coefficient, mod (0: none), mod-1 mask or -1)
     depth: int
-    n_gran: int
-    max_segs: int           # most granule segments one instruction can touch
+    n_cells: int
+    max_segs: int           # most cell segments one instruction can touch
     instrs: list            # static id -> Instr
     costs: list             # static id -> Cost
     counts: np.ndarray      # static id -> dynamic executions
-
-
-def partition_block(spec: MachineSpec) -> int:
-    """Partitions per bit of the WAW partition mask: writes to disjoint blocks of this many
-    partitions do not order each other."""
-    return max(1, -(-spec.partitions // MASK_BITS))
-
-
-def partition_mask(ap: AP, spec: MachineSpec) -> int:
-    """The partition blocks an on-chip operand touches, as a bit mask (partitions grouped
-    into MASK_BITS blocks); HBM operands touch every block."""
-    if ap.mem == "hbm":
-        return FULL_MASK
-    stride, n = ap.dims[0]
-    lo = ap.part + min(0, stride * (n - 1))
-    hi = ap.part + max(0, stride * (n - 1))
-    blk = partition_block(spec)
-    lo, hi = max(lo, 0) // blk, min(max(hi, 0) // blk, MASK_BITS - 1)
-    return ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)
 
 
 def hbm_bin_ps(spec: MachineSpec) -> int:
@@ -435,9 +457,14 @@ def hbm_bin_ps(spec: MachineSpec) -> int:
     return 1 << max(0, round(math.log2(max(spec.hbm_bin_ns * 1000.0, 1.0))))
 
 
+def _shift(n: int) -> int:
+    """log2(n) for a power of two, else -1 (the core then divides)."""
+    return n.bit_length() - 1 if n > 0 and n & (n - 1) == 0 else -1
+
+
 def flatten(program: Program, spec: MachineSpec) -> Flat:
     regs = regions(program, spec)
-    bin_ps = hbm_bin_ps(spec)
+    rbk = row_block(spec)
     code: list = []
     irows: list = []
     orows: list = []
@@ -447,34 +474,37 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
     counts: list = []
     depth = 0
     cost_cache: dict = {}
+    fp_cache: dict = {}
 
     # regions no instruction writes: reading them can neither wait (RAW) nor hold up a
     # writer (WAR), so those reads are not tracked at all (exact, and saves most of the
-    # granule work for input tensors)
-    # regions no instruction reads: writes to them need no WAR check
-    # Granule state is allocated for written regions only (numbered compactly here).
-    def region_key(ap):
-        return ("hbm", ap.name) if ap.mem == "hbm" else ap.mem
-
+    # work for input tensors); regions no instruction reads: writes need no WAR check.
+    # Cell state is allocated for written regions only (numbered compactly here).
     written, read = set(), set()
     for ins, _ in walk_instrs(program.body):
-        read.update(region_key(ap) for ap in ins.srcs)
-        written.update(region_key(ap) for ap in (ins.dst, ins.dst2) if ap is not None)
-    gnum = {}
-    n_gran = 0
-    for key, (_, ng, _) in regs.items():
+        for ap in ins.srcs:
+            read.add(("hbm", ap.name) if ap.mem == "hbm" else ap.mem)
+        for ap in (ins.dst, ins.dst2):
+            if ap is not None:
+                written.add(("hbm", ap.name) if ap.mem == "hbm" else ap.mem)
+    cnum = {}
+    n_cells = 0
+    for key, reg in regs.items():
         if key in written:
-            gnum[key] = n_gran
-            n_gran += ng
+            cnum[key] = n_cells
+            n_cells += reg.cells
     max_segs = 1
 
     def operand(ap: AP, scope: list, is_read: bool) -> int:
-        fp = footprint(ap, program, spec, regs)
-        _, ng, gb = regs[fp.region]
-        goff = gnum.get(fp.region, 0)
-        rows = fp.rows if fp.region in written else 0
-        kind = K_READ if is_read else (K_WRITE_WAR if fp.region in read else K_WRITE)
-        sh = gb.bit_length() - 1 if gb & (gb - 1) == 0 else -1
+        fp = fp_cache.get(id(ap))
+        if fp is None:
+            fp = fp_cache[id(ap)] = footprint(ap, program, spec, regs)
+        region = fp.region
+        if region not in written:           # untracked: no address, no cells
+            orows.append((0,) * O_COLS)
+            return 0
+        reg = regs[region]
+        kind = K_READ if is_read else (K_WRITE_WAR if region in read else K_WRITE)
         t0 = len(trows)
         for var, coef, mod in ap.offset.terms:
             for lvl in range(len(scope) - 1, -1, -1):
@@ -493,9 +523,22 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
             # mask: x % mod == x & (mod - 1) for a power-of-two mod (saves a division)
             mask = mod - 1 if mod and mod & (mod - 1) == 0 else -1
             trows.append((lvl, coef * fp.scale, mod, mask))
-        orows.append((goff, ng, gb, sh, ap.offset.base * fp.scale + fp.adj, t0, len(trows),
-                      rows, fp.pitch, fp.extent, kind, partition_mask(ap, spec)))
-        return rows
+        runs, mask = fp.runs, 0
+        if not fp.dyn:                      # static rows (partitions): one row block
+            r0, r1 = max(fp.r0, 0), min(fp.r0 + fp.nrows - 1, reg.rows - 1)
+            if r0 > r1:
+                runs = 0                    # outside the memory: touches nothing
+            else:
+                blk = rbk // MASK_BITS
+                mask = ((2 << (r1 // blk)) - 1) ^ ((1 << (r0 // blk)) - 1)
+        orows.append((cnum[region], reg.rows, reg.row_bytes, _shift(reg.row_bytes), reg.ncol,
+                      reg.gran, _shift(reg.gran), ap.offset.base * fp.scale + fp.adj, t0,
+                      len(trows), runs, fp.pitch, fp.extent, fp.span, kind, int(fp.dyn),
+                      mask, fp.nrows))
+        # cell segments: one per row block and run (a wrapped HBM access is one full-row run)
+        touched = fp.nrows + ((reg.row_bytes + fp.span - 2) // reg.row_bytes if fp.dyn else 0)
+        nrb = min(-(-reg.rows // rbk), (min(touched, reg.rows) + rbk - 2) // rbk + 1)
+        return nrb * fp.runs
 
     def walk(nodes, scope: list, mult: int) -> None:
         nonlocal depth, max_segs
@@ -515,13 +558,16 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
                 if c is None:
                     c = cost_cache[id(n)] = instr_cost(n, spec)
                 op0 = len(orows)
-                segs = sum(operand(ap, scope, True) for ap in c.reads)
-                segs += sum(operand(ap, scope, False) for ap in c.writes)
-                max_segs = max(max_segs, segs)
+                segs = 0
+                for ap in c.reads:
+                    segs += operand(ap, scope, True)
+                for ap in c.writes:
+                    segs += operand(ap, scope, False)
+                if segs > max_segs:
+                    max_segs = segs
                 code.append([INSTR, len(instrs), 0, 0])
-                capf = -(-bin_ps * c.hbm_ps // c.ii_ps) if c.hbm_ps else 0
-                irows.append((c.stream, c.ii_ps, c.lat_ps, int(c.is_dma), c.hbm_ps, capf,
-                              c.ports, op0, len(c.reads), len(c.writes)))
+                irows.append((c.stream, c.ii_ps, c.lat_ps, int(c.is_dma), c.hbm_ps, c.ports,
+                              op0, len(c.reads) + len(c.writes)))
                 instrs.append(n)
                 costs.append(c)
                 counts.append(mult)
@@ -532,7 +578,7 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
         itab=np.array(irows, dtype=np.int64).reshape(-1, I_COLS),
         otab=np.array(orows, dtype=np.int64).reshape(-1, O_COLS),
         terms=np.array(trows, dtype=np.int64).reshape(-1, 4),
-        depth=depth, n_gran=max(n_gran, 1), max_segs=max_segs, instrs=instrs, costs=costs,
+        depth=depth, n_cells=max(n_cells, 1), max_segs=max_segs, instrs=instrs, costs=costs,
         counts=np.array(counts, dtype=np.int64))
 
 
@@ -541,24 +587,18 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _segments(otab, o, a, kind, seg_lo, seg_hi, seg_k, seg_m, ns):
-    """Append the granule segments of operand o at byte address a (absolute granule
-    indices, inclusive; adjacent rows merged) tagged with `kind`; return the new count."""
-    goff = otab[o, O_GOFF]
-    ng = otab[o, O_NG]
-    gb = otab[o, O_G]
-    sh = otab[o, O_SH]
-    ext = otab[o, O_E]
-    rows = otab[o, O_R]
-    pitch = otab[o, O_PITCH]
+def _runs(base, col, runs, pitch, ext, ncol, gb, gsh, kind, m, seg_lo, seg_hi, seg_k, seg_m,
+          ns):
+    """Append the cell segments [base + g0, base + g1] of the column runs (adjacent runs
+    merged), tagged `kind` and row mask m; return the new count."""
     first = ns
     prev = -1
-    for r in range(rows):
-        lo = a + r * pitch
+    for r in range(runs):
+        lo = col + r * pitch
         hi = lo + ext - 1
-        if sh >= 0:
-            g0 = lo >> sh
-            g1 = hi >> sh
+        if gsh >= 0:
+            g0 = lo >> gsh
+            g1 = hi >> gsh
         else:
             g0 = lo // gb
             g1 = hi // gb
@@ -566,70 +606,133 @@ def _segments(otab, o, a, kind, seg_lo, seg_hi, seg_k, seg_m, ns):
             g0 = prev + 1
         if g0 < 0:
             g0 = 0
-        if g1 >= ng:
-            g1 = ng - 1
+        if g1 >= ncol:
+            g1 = ncol - 1
         if g0 <= g1:
-            if ns > first and seg_hi[ns - 1] == goff + g0 - 1:
-                seg_hi[ns - 1] = goff + g1
+            if ns > first and seg_hi[ns - 1] == base + g0 - 1:
+                seg_hi[ns - 1] = base + g1
             else:
-                seg_lo[ns] = goff + g0
-                seg_hi[ns] = goff + g1
+                seg_lo[ns] = base + g0
+                seg_hi[ns] = base + g1
                 seg_k[ns] = kind
-                seg_m[ns] = otab[o, O_MASK]
+                seg_m[ns] = m
                 ns += 1
             prev = g1
     return ns
 
 
+@njit(cache=True, error_model="numpy")
+def _segments(otab, o, a, rbk, rbk_sh, blk, blk_sh, seg_lo, seg_hi, seg_k, seg_m, ns):
+    """Append the cell segments of operand o at byte address a (absolute cell indices,
+    inclusive), one group per row block with its row mask; return the new count."""
+    runs = otab[o, O_RUNS]
+    pitch = otab[o, O_PITCH]
+    ext = otab[o, O_E]
+    kind = otab[o, O_KIND]
+    ncol = otab[o, O_NCOL]
+    gb = otab[o, O_G]
+    gsh = otab[o, O_GSH]
+    if otab[o, O_DYN] == 0:                     # SBUF/PSUM: static rows, one row block
+        return _runs(otab[o, O_CBASE], a, runs, pitch, ext, ncol, gb, gsh, kind,
+                     otab[o, O_MASK], seg_lo, seg_hi, seg_k, seg_m, ns)
+    rbytes = otab[o, O_RB]
+    sh = otab[o, O_RBSH]
+    if sh >= 0:
+        r0 = a >> sh
+    else:
+        r0 = a // rbytes
+    col = a - r0 * rbytes
+    r1 = r0 + otab[o, O_NROWS] - 1
+    span = otab[o, O_SPAN]
+    if col + span > rbytes:                     # wraps into the next row(s): whole rows
+        r1 += (col + span - 1) // rbytes
+        col = 0
+        runs = 1
+        pitch = 0
+        ext = rbytes
+    if r0 < 0:
+        r0 = 0
+    rows = otab[o, O_ROWS]
+    if r1 >= rows:
+        r1 = rows - 1
+    if r0 > r1:
+        return ns
+    if rbk_sh >= 0:
+        rb0 = r0 >> rbk_sh
+        rb1 = r1 >> rbk_sh
+    else:
+        rb0 = r0 // rbk
+        rb1 = r1 // rbk
+    cb = otab[o, O_CBASE]
+    for rb in range(rb0, rb1 + 1):
+        lo_r = r0 - rb * rbk
+        if lo_r < 0:
+            lo_r = 0
+        hi_r = r1 - rb * rbk
+        if hi_r >= rbk:
+            hi_r = rbk - 1
+        if blk_sh >= 0:
+            m = ((2 << (hi_r >> blk_sh)) - 1) ^ ((1 << (lo_r >> blk_sh)) - 1)
+        else:
+            m = ((2 << (hi_r // blk)) - 1) ^ ((1 << (lo_r // blk)) - 1)
+        ns = _runs(cb + rb * ncol, col, runs, pitch, ext, ncol, gb, gsh, kind, m, seg_lo,
+                   seg_hi, seg_k, seg_m, ns)
+    return ns
+
+
 @njit(cache=True, error_model="numpy", inline="always")
-def _dma_end(start, q, h, cap_full, tag, used, bin_ps, bin_sh, mask):
-    """End of a transfer needing q ps of its queue and h ps of the shared HBM channel."""
-    e_q = start + q
-    t = start
-    rem = h
+def _dma_end(start, q, h, tag, used, bin_ps, bin_sh, mask):
+    """End of a transfer needing q ps of its queue and h ps of the shared HBM channel
+    (channel time reserved first come first served from the start bin on)."""
     b = start >> bin_sh
-    while True:
-        bend = (b + 1) << bin_sh
-        avail = bend - t
-        slot = b & mask
-        tg = tag[slot]
-        if tg != b:
-            if tg > b:                          # forgotten bin: treat as full
-                t = bend
-                b += 1
-                continue
-            tag[slot] = b
-            used[slot] = 0
-        free = bin_ps - used[slot]
-        if free > avail:
-            free = avail
-        # own rate limit (h/q of the time active) over the `avail` ps of this bin
-        cap = cap_full if avail == bin_ps else (avail * h + q - 1) // q
-        take = rem
-        if cap < take:
-            take = cap
-        if free < take:
-            take = free
-        used[slot] += take
-        rem -= take
-        if rem == 0:
-            fin = (take * q + h - 1) // h
-            if take > fin:
-                fin = take
-            e_h = t + fin
-            if e_h > bend:
-                e_h = bend
-            return e_q if e_q > e_h else e_h
-        t = bend
-        b += 1
+    slot = b & mask
+    if tag[slot] == b:
+        u = used[slot]
+    elif tag[slot] > b:                         # forgotten bin: full
+        u = bin_ps
+    else:
+        tag[slot] = b
+        used[slot] = 0
+        u = 0
+    free = bin_ps - u
+    avail = ((b + 1) << bin_sh) - start
+    if free > avail:
+        free = avail
+    if h <= free:                               # fits the start bin: uncontended
+        used[slot] = u + h
+        e_h = start + h
+    else:
+        if free > 0:
+            used[slot] = u + free
+        rem = h - free
+        while True:
+            b += 1
+            slot = b & mask
+            tg = tag[slot]
+            if tg != b:
+                if tg > b:
+                    continue
+                tag[slot] = b
+                used[slot] = 0
+            u = used[slot]
+            free = bin_ps - u
+            if rem <= free:
+                used[slot] = u + rem
+                e_h = (b << bin_sh) + u + rem
+                break
+            used[slot] = bin_ps
+            rem -= free
+    e_q = start + q
+    return e_q if e_q > e_h else e_h
 
 
 @njit(cache=True, error_model="numpy")
-def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, lr, lwm, lwo,
-          tag, used, rec_cap):
-    """Run the model. lw/lws/lr (granule state) and tag/used (HBM-channel bins) are
+def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_sh, blk, blk_sh,
+          lw, lws, lr, lwm, lwo, tag, used, rec_cap):
+    """Run the model. lw/lws/lr/lwm/lwo (cell state) and tag/used (HBM-channel bins) are
     caller-owned scratch: zero (tag: -1) on entry, and left so on return."""
-    # lw: last write's ready time; lws: last write's stream + 1 (0: none); lr: latest read end
+    # lw: last write's ready time; lws: last write's stream + 1 (0: none, -1: mixed);
+    # lr: latest read end; lwm: partition blocks of this epoch; lwo: ready before the epoch
     mask = tag.shape[0] - 1
     bin_sh = 0
     while (1 << bin_sh) < bin_ps:
@@ -646,8 +749,10 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
     rec_s = np.zeros(rec_cap, np.int64)
     rec_e = np.zeros(rec_cap, np.int64)
     rec_i = np.zeros(rec_cap, np.int64)
-    gmin = lw.shape[0]                           # touched granule range, cleared on return
+    gmin = lw.shape[0]                           # touched cell range, cleared on return
     gmax = -1
+    bmin = 1 << 62                               # touched bins
+    bmax = -1
     nrec = 0
     total = 0
     hbm_busy = 0
@@ -667,11 +772,11 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
                     t = port_sbuf
                 if ports & PORT_PSUM and port_psum > t:
                     t = port_psum
-            # footprints: evaluate the affine addresses, cut into granule segments
+            # footprints: evaluate the affine addresses, cut into cell segments
             ns = 0
             o0 = itab[i, I_OP0]
-            for o in range(o0, o0 + itab[i, I_NR] + itab[i, I_NW]):
-                if otab[o, O_R] > 0:
+            for o in range(o0, o0 + itab[i, I_NOPS]):
+                if otab[o, O_RUNS] > 0:
                     a = otab[o, O_BASE]
                     for k in range(otab[o, O_T0], otab[o, O_T1]):
                         x = iv[terms[k, 0]]
@@ -681,7 +786,28 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
                             else:
                                 x = x % terms[k, 2]
                         a += terms[k, 1] * x
-                    ns = _segments(otab, o, a, otab[o, O_KIND], seg_lo, seg_hi, seg_k, seg_m, ns)
+                    if otab[o, O_DYN] == 0 and otab[o, O_RUNS] == 1:   # the common case
+                        gsh = otab[o, O_GSH]
+                        if gsh >= 0:
+                            g0 = a >> gsh
+                            g1 = (a + otab[o, O_E] - 1) >> gsh
+                        else:
+                            g0 = a // otab[o, O_G]
+                            g1 = (a + otab[o, O_E] - 1) // otab[o, O_G]
+                        if g0 < 0:
+                            g0 = 0
+                        if g1 >= otab[o, O_NCOL]:
+                            g1 = otab[o, O_NCOL] - 1
+                        if g0 <= g1:
+                            cb = otab[o, O_CBASE]
+                            seg_lo[ns] = cb + g0
+                            seg_hi[ns] = cb + g1
+                            seg_k[ns] = otab[o, O_KIND]
+                            seg_m[ns] = otab[o, O_MASK]
+                            ns += 1
+                    else:
+                        ns = _segments(otab, o, a, rbk, rbk_sh, blk, blk_sh, seg_lo, seg_hi,
+                                       seg_k, seg_m, ns)
             # RAW for reads; WAW (unless the same stream wrote last) and WAR for writes
             for k in range(ns):
                 lo = seg_lo[k]
@@ -689,25 +815,32 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
                 kk = seg_k[k]
                 if kk == K_READ:
                     for g in range(lo, hi):
-                        t = max(t, lw[g])
+                        if lw[g] > t:
+                            t = lw[g]
                 else:
                     if kk == K_WRITE_WAR:
                         for g in range(lo, hi):
-                            t = max(t, lr[g])
+                            if lr[g] > t:
+                                t = lr[g]
                     m = seg_m[k]
                     for g in range(lo, hi):
                         if lwm[g] & m:
-                            if lws[g] != s1:
-                                t = max(t, lw[g])
-                        else:
-                            t = max(t, lwo[g])
+                            if lws[g] != s1 and lw[g] > t:
+                                t = lw[g]
+                        elif lwo[g] > t:
+                            t = lwo[g]
             start = t
             if itab[i, I_DMA]:
                 h = itab[i, I_HBM]
                 if h > 0:
-                    end = _dma_end(start, itab[i, I_II], h, itab[i, I_CAPF], tag, used,
-                                   bin_ps, bin_sh, mask)
+                    end = _dma_end(start, itab[i, I_II], h, tag, used, bin_ps, bin_sh, mask)
                     hbm_busy += h
+                    b = start >> bin_sh
+                    if b < bmin:
+                        bmin = b
+                    b = end >> bin_sh
+                    if b > bmax:
+                        bmax = b
                 else:
                     end = start + itab[i, I_II]
             else:
@@ -725,7 +858,8 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
                 hi = seg_hi[k] + 1
                 if seg_k[k] == K_READ:
                     for g in range(lo, hi):
-                        lr[g] = max(lr[g], end)
+                        if end > lr[g]:
+                            lr[g] = end
                 else:
                     m = seg_m[k]
                     for g in range(lo, hi):
@@ -739,7 +873,8 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
                             elif lws[g] != s1:
                                 lws[g] = -1
                             lwm[g] |= m
-                        lw[g] = max(lw[g], ready)
+                        if ready > lw[g]:
+                            lw[g] = ready
                 if lo < gmin:
                     gmin = lo
                 if hi > gmax:
@@ -773,36 +908,41 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, lw, lws, 
         lr[g] = 0
         lwm[g] = 0
         lwo[g] = 0
-    tag[:] = -1
-    used[:] = 0
+    if bmax - bmin + 1 >= tag.shape[0]:
+        tag[:] = -1
+        used[:] = 0
+    else:
+        for b in range(bmin, bmax + 1):
+            tag[b & mask] = -1
+            used[b & mask] = 0
     return total, busy, hbm_busy, ndyn, rec_s[:nrec], rec_e[:nrec], rec_i[:nrec]
 
 
 def run_core(flat: Flat, spec: MachineSpec, rec_cap: int = 0):
     """Run the Numba core on a flattened program: (total_ps, busy[stream], hbm_busy_ps,
     dynamic count, start_ps[], end_ps[], static_id[]) (records only up to rec_cap)."""
-    bin_ps = hbm_bin_ps(spec)
-    lw, lws, lr, lwm, lwo, tag, used = _scratch(flat.n_gran, HBM_RING_BINS)
+    lw, lws, lr, lwm, lwo, tag, used = _scratch(flat.n_cells, HBM_RING_BINS)
     return _core(flat.code, flat.itab, flat.otab, flat.terms, len(ENGINES) + spec.dma_queues,
-                 flat.depth, flat.max_segs, bin_ps, lw, lws, lr, lwm, lwo, tag, used, rec_cap)
+                 flat.depth, flat.max_segs, hbm_bin_ps(spec), row_block(spec),
+                 _shift(row_block(spec)), partition_block(spec), _shift(partition_block(spec)),
+                 lw, lws, lr, lwm, lwo, tag, used, rec_cap)
 
 
 _pool = threading.local()
 
 
-def _scratch(n_gran: int, n_bins: int):
+def _scratch(n_cells: int, n_bins: int):
     """Per-thread scratch state for the core, reused across runs (allocating and
-    page-faulting megabytes of granule state per candidate would dominate small runs)."""
+    page-faulting the cell state per candidate would dominate small runs)."""
     if n_bins & (n_bins - 1):
         raise SimError(f"HBM_RING_BINS={n_bins} must be a power of two")
     st = getattr(_pool, "state", None)
-    if st is None or st[0].shape[0] < n_gran or st[5].shape[0] != n_bins:
-        size = max(n_gran, 4096)
+    if st is None or st[0].shape[0] < n_cells or st[5].shape[0] != n_bins:
+        size = max(n_cells, 4096)
         st = tuple(np.zeros(size, np.int64) for _ in range(5)) + (
             np.full(n_bins, -1, np.int64), np.zeros(n_bins, np.int64))
         _pool.state = st
     return st
-
 
 # ----------------------------------------------------------------------------------------
 # the entry point

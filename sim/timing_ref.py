@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from .isa import Loop, Program
 from .machine import MachineSpec, machine
 from . import timing
-from .timing import (PORT_PSUM, PORT_SBUF, footprint, hbm_bin_ps, instr_cost, partition_mask,
-                     regions)
+from .timing import (PORT_PSUM, PORT_SBUF, footprint, hbm_bin_ps, instr_cost, partition_block,
+                     regions, row_block)
 
 
 @dataclass
@@ -33,11 +33,12 @@ class _Model:
         self.regs = regions(program, spec)
         self.stream_free: dict[int, int] = {}
         self.port_free = {PORT_SBUF: 0, PORT_PSUM: 0}
-        self.last_write: dict = {}          # (region, granule) -> ready ps
-        self.last_writer: dict = {}         # (region, granule) -> stream
-        self.last_read: dict = {}           # (region, granule) -> end ps
-        self.epoch_mask: dict = {}          # (region, granule) -> partition blocks written this epoch
-        self.before_epoch: dict = {}        # (region, granule) -> latest ready before the epoch
+        self.rbk, self.blk = row_block(spec), partition_block(spec)
+        self.last_write: dict = {}          # cell -> ready ps
+        self.last_writer: dict = {}         # cell -> stream
+        self.last_read: dict = {}           # cell -> end ps
+        self.epoch_mask: dict = {}          # cell -> row sub-blocks written this epoch
+        self.before_epoch: dict = {}        # cell -> latest ready before the epoch
         self.bin_ps = hbm_bin_ps(spec)
         self.n_bins = timing.HBM_RING_BINS
         self.bin_tag = [-1] * self.n_bins
@@ -48,49 +49,63 @@ class _Model:
         self.res = RefResult()
 
     # -- footprints ------------------------------------------------------------------------
-    def granules(self, ap, env) -> set:
+    def cells(self, ap, env) -> dict:
+        """{(region, row block, granule): mask of the row sub-blocks touched}, row by row."""
         key = id(ap)
         fp = self.fps.get(key)
         if fp is None:
             fp = self.fps[key] = footprint(ap, self.program, self.spec, self.regs)
-        _, n, gb = self.regs[fp.region]
+        reg = self.regs[fp.region]
         a = ap.offset.eval(env) * fp.scale + fp.adj
-        out = set()
-        for r in range(fp.rows):
-            lo = a + r * fp.pitch
-            g0 = max(lo // gb, 0)
-            g1 = min((lo + fp.extent - 1) // gb, n - 1)
-            for g in range(g0, g1 + 1):
-                out.add((fp.region, g))
+        runs = [(r * fp.pitch, fp.extent) for r in range(fp.runs)]
+        if fp.dyn:
+            first, col = divmod(a, reg.row_bytes)
+            last = first + fp.nrows - 1
+            if col + fp.span > reg.row_bytes:       # wraps: whole rows
+                last = (a + fp.span - 1) // reg.row_bytes + fp.nrows - 1
+                col, runs = 0, [(0, reg.row_bytes)]
+        else:
+            first, last, col = fp.r0, fp.r0 + fp.nrows - 1, a
+        out: dict = {}
+        for row in range(max(first, 0), min(last, reg.rows - 1) + 1):
+            rb, bit = divmod(row, self.rbk)
+            bit = 1 << (bit // self.blk)
+            for off, ext in runs:
+                lo = col + off
+                for g in range(max(lo // reg.gran, 0),
+                               min((lo + ext - 1) // reg.gran, reg.ncol - 1) + 1):
+                    c = (fp.region, rb, g)
+                    out[c] = out.get(c, 0) | bit
         return out
 
     # -- the shared HBM channel ------------------------------------------------------------
+    def channel_used(self, b: int):
+        """Channel time used in bin b, or None if the ring has forgotten it (full)."""
+        slot = b % self.n_bins
+        if self.bin_tag[slot] > b:
+            return None
+        if self.bin_tag[slot] < b:
+            self.bin_tag[slot], self.bin_used[slot] = b, 0
+        return self.bin_used[slot]
+
     def dma_end(self, start: int, q: int, h: int) -> int:
         if h <= 0:
             return start + q
-        w, nb = self.bin_ps, self.n_bins
-        t, rem = start, h
+        w = self.bin_ps
+        b, rem = start // w, h
         while True:
-            b = t // w
-            bin_end = (b + 1) * w
-            avail = bin_end - t
-            slot = b % nb
-            if self.bin_tag[slot] != b:
-                if self.bin_tag[slot] > b:       # forgotten: full
-                    t = bin_end
-                    continue
-                self.bin_tag[slot] = b
-                self.bin_used[slot] = 0
-            free = min(w - self.bin_used[slot], avail)
-            rate_cap = -(-(avail * h) // q)
-            take = min(rem, rate_cap, free)
-            self.bin_used[slot] += take
-            rem -= take
-            if rem == 0:
-                fin = max(take, -(-(take * q) // h))
-                channel_end = min(t + fin, bin_end)
-                return max(start + q, channel_end)
-            t = bin_end
+            used = self.channel_used(b)
+            if used is not None:
+                free = w - used
+                if b == start // w:
+                    free = min(free, (b + 1) * w - start)
+                take = min(rem, free)
+                self.bin_used[b % self.n_bins] += take
+                rem -= take
+                if rem == 0:
+                    channel_end = start + take if b == start // w else b * w + used + take
+                    return max(start + q, channel_end)
+            b += 1
 
     # -- one instruction -------------------------------------------------------------------
     def execute(self, ins, sid: int, env: dict) -> None:
@@ -102,14 +117,13 @@ class _Model:
         for bit in (PORT_SBUF, PORT_PSUM):
             if c.ports & bit:
                 t = max(t, self.port_free[bit])
-        read_gs = [self.granules(ap, env) for ap in c.reads]
-        write_gs = [self.granules(ap, env) for ap in c.writes]
-        write_ms = [partition_mask(ap, self.spec) for ap in c.writes]
+        read_gs = [self.cells(ap, env) for ap in c.reads]
+        write_gs = [self.cells(ap, env) for ap in c.writes]
         for gs in read_gs:                               # RAW
             for g in gs:
                 t = max(t, self.last_write.get(g, 0))
-        for gs, m in zip(write_gs, write_ms):            # WAR, WAW
-            for g in gs:
+        for gs in write_gs:                              # WAR, WAW
+            for g, m in gs.items():
                 t = max(t, self.last_read.get(g, 0))
                 if self.epoch_mask.get(g, 0) & m:
                     if self.last_writer.get(g) != s:
@@ -131,8 +145,8 @@ class _Model:
         for gs in read_gs:
             for g in gs:
                 self.last_read[g] = max(self.last_read.get(g, 0), end)
-        for gs, m in zip(write_gs, write_ms):
-            for g in gs:
+        for gs in write_gs:
+            for g, m in gs.items():
                 em = self.epoch_mask.get(g, 0)
                 if em & m:                      # overlapping: a new epoch
                     self.before_epoch[g] = self.last_write.get(g, 0)
