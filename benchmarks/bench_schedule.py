@@ -1,9 +1,14 @@
 """Scheduling + lowering benchmarks (issue 4).
 
-    python benchmarks/bench_schedule.py [--repeats 15]
+    python benchmarks/bench_schedule.py [--repeats 30] [--candidate-only]
 
 1. One tuning candidate for a 2048^3 bf16 matmul on trn2: apply a hand schedule, lower it
-   to the ISA (build) and simulate it (timing model). Medians over repeats, after a warm-up
+   to the ISA (build) and simulate it (timing model), broken down into schedule (the 13
+   steps with their legality checks), lower (completion + lowering to the ISA), validate
+   (sim.validate: tile rules and capacities), flatten (sim.timing.flatten: static tables)
+   and core (the Numba timing core), plus the end-to-end total
+   `hand_matmul(p).build("trn2").simulate()`. Medians over repeats of thread CPU time (the
+   machine is shared; wall-clock medians of the total are printed too), after a warm-up
    that loads the Numba core.
 2. The 4096^3 bf16 matmul hand schedule on trn2: simulated time and fraction of the roofline.
 3. Fused softmax (1024 x 4096 bf16): HBM bytes moved by the default schedule vs one with the
@@ -19,7 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import sim  # noqa: E402
 import tensorlang as tl  # noqa: E402
+from sim import timing  # noqa: E402
+from tensorlang.lower import lower  # noqa: E402
 from matmul import matmul  # noqa: E402
 from softmax import softmax  # noqa: E402
 
@@ -58,31 +66,64 @@ def fused_softmax(prog):
     return s
 
 
-def median_ms(fn, repeats):
+def median_ms(fn, repeats, clock=time.thread_time):
     ts = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        ts.append((time.perf_counter() - t) * 1e3)
+        ts.append((clock() - t) * 1e3)
     return statistics.median(ts)
+
+
+PARTS = ("schedule", "lower", "validate", "flatten", "core")
+
+
+def candidate_breakdown(prog, repeats, clock=time.thread_time) -> dict:
+    """Median ms of each part of one candidate (see the module docstring), same runs."""
+    spec = sim.machine("trn2")
+    ts = {k: [] for k in PARTS}
+    for _ in range(repeats):
+        t0 = clock()
+        s = hand_matmul(prog)
+        t1 = clock()
+        isa_prog, _ = lower(s, spec)
+        t2 = clock()
+        sim.validate(isa_prog, spec)
+        t3 = clock()
+        flat = timing.flatten(isa_prog, spec)
+        t4 = clock()
+        timing.run_core(flat, spec)
+        t5 = clock()
+        for k, a, b in zip(PARTS, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
+            ts[k].append((b - a) * 1e3)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--candidate-only", action="store_true", help="only part 1 (per-candidate cost)")
     args = ap.parse_args()
 
     p2048 = matmul.trace(tl.spec((2048, 2048), "bfloat16"), tl.spec((2048, 2048), "bfloat16"))
-    hand_matmul(p2048).build("trn2").simulate()          # warm-up: Numba core load
-    sched = median_ms(lambda: hand_matmul(p2048), args.repeats)
-    build = median_ms(lambda: hand_matmul(p2048).build("trn2"), args.repeats)
+    for _ in range(3):
+        hand_matmul(p2048).build("trn2").simulate()      # warm-up: Numba core load
+
+    def candidate():
+        return hand_matmul(p2048).build("trn2").simulate()
+    parts = candidate_breakdown(p2048, args.repeats)
+    total = median_ms(candidate, args.repeats)
+    wall = median_ms(candidate, args.repeats, clock=time.perf_counter)
     k = hand_matmul(p2048).build("trn2")
-    simt = median_ms(k.simulate, args.repeats)
-    total = median_ms(lambda: hand_matmul(p2048).build("trn2").simulate(), args.repeats)
-    print("## one tuning candidate, 2048^3 bf16 matmul, trn2 (median ms)")
-    print(f"schedule {sched:.2f}  schedule+build {build:.2f}  simulate {simt:.2f}  "
-          f"schedule+build+simulate {total:.2f}")
-    print(f"dynamic instructions simulated: {k.simulate().instructions:,}")
+    print("## one tuning candidate, 2048^3 bf16 matmul, trn2 (median ms, thread CPU time)")
+    print("| " + " | ".join(PARTS) + " | sum of parts | end to end | end to end (wall) |")
+    print("|" + " --- |" * (len(PARTS) + 3))
+    print("| " + " | ".join(f"{parts[k_]:.2f}" for k_ in PARTS) +
+          f" | {sum(parts.values()):.2f} | {total:.2f} | {wall:.2f} |")
+    print(f"static instructions: {sum(1 for _ in sim.walk_instrs(k.program.body))}, "
+          f"dynamic instructions simulated: {k.simulate().instructions:,}")
+    if args.candidate_only:
+        return
 
     p4096 = matmul.trace(tl.spec((4096, 4096), "bfloat16"), tl.spec((4096, 4096), "bfloat16"))
     r = hand_matmul(p4096).build("trn2").simulate()

@@ -145,13 +145,14 @@ class _Info:
             else:
                 self.up[r.fused] = r
                 self.fuse[r.fused] = r
+        self.smemo: dict = {}       # (what, loop) -> roots / extents (functions of the tree)
         t = tuple(ss.vectorized)
         if ss.partition:
             t = (ss.partition,) + t
         if ss.tensorized:
             t = t + (ss.tensorized,)
         self.tile = t
-        self.memo: dict = {}        # (what, name) -> derived value; check results
+        self.memo: dict = {}        # check results for this stage state
 
     def leaves(self, name: str) -> list[str]:
         r = self.split.get(name)
@@ -164,7 +165,7 @@ class _Info:
     def roots(self, name: str) -> frozenset[str]:
         """The original axes a loop derives from (a fused loop: all of its parts')."""
         key = ("roots", name)
-        out = self.memo.get(key)
+        out = self.smemo.get(key)
         if out is None:
             r = self.up.get(name)
             if r is None:
@@ -173,7 +174,7 @@ class _Info:
                 out = self.roots(r.outer) | self.roots(r.inner)
             else:
                 out = self.roots(r.parent)
-            self.memo[key] = out
+            self.smemo[key] = out
         return out
 
 
@@ -189,7 +190,7 @@ def extent_set(ss: StageSched, name: str) -> frozenset[int]:
     """Every extent loop `name` takes (more than one below a split that leaves a tail)."""
     info = _info(ss)
     key = ("extents", name)
-    out = info.memo.get(key)
+    out = info.smemo.get(key)
     if out is not None:
         return out
     r = info.up.get(name)
@@ -205,7 +206,7 @@ def extent_set(ss: StageSched, name: str) -> frozenset[int]:
         out = frozenset(a * b for a in extent_set(ss, r.outer) for b in extent_set(ss, r.inner))
     else:
         out = frozenset((info.var[name].extent,))
-    info.memo[key] = out
+    info.smemo[key] = out
     return out
 
 
@@ -260,7 +261,8 @@ def hosts(state: "State", stage: str) -> set[str]:
     return out
 
 
-def check_partitionable(ss: StageSched, what: str, hosting: set[str] = frozenset(), ok=None):
+def check_partitionable(ss: StageSched, what: str, hosting: set[str] = frozenset(), ok=None,
+                        hint: str | None = None):
     """Every tile has a partition loop: the stage has one, or a spatial loop that `build` can
     split (when > the partitions) and partition -- not fused, annotated, or the outer part of
     a split that leaves a tail. `ok(loop)`, when given, is an extra rule on the candidates
@@ -277,7 +279,7 @@ def check_partitionable(ss: StageSched, what: str, hosting: set[str] = frozenset
     if not any(v not in marked and (ok is None or ok(v)) for v in spatial):
         raise TensorlangError(
             f"{what}: stage {ss.stage!r} would have no loop left to map to the partitions "
-            f"{'(a tensorized stage partitions a loop of one operand only, not of the moving one) ' if ok else ''}"
+            f"{hint or '(a tensorized stage partitions a loop of one operand only, not of the moving one) ' if ok else ''}"
             f"(spatial loops: {', '.join(spatial) or 'none'}; fused, vectorized, pipelined, "
             "unrolled, tail-splitting outer loops and loops hosting a cache or compute_at "
             "cannot be); partition a loop first")
@@ -497,7 +499,11 @@ class Schedule:
                 memo = _info(ss).memo
                 key = ("partitionable", hosting, pi)
                 if feeds or not memo.get(key):
-                    check_partitionable(ss, what, hosting, ok)
+                    hint = None if not feeds else (
+                        f"(stage {feeds[0].stage!r} is tensorized and computed at {ss.stage!r}, "
+                        f"so the partition loop of {ss.stage!r} must index one of its matmul "
+                        "operands only, and not the one the vectorized loops index) ")
+                    check_partitionable(ss, what, hosting, ok, hint)
                     if not feeds:
                         memo[key] = True
         self._check_links(state, what)

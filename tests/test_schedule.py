@@ -104,10 +104,8 @@ def check_values(prog, kernel, inputs, ref, dtype, what="run vs reference"):
 # ---------------------------------------------------------------------------------------
 # random schedule steps, drawn from the schedule's current loops
 
-# build may refuse only for capacity, or (known gap) when a tensorized producer computed at a
-# consumer gets a tile layout from the consumer that a matmul cannot take
-CAPACITY = re.compile(r"overflow|PSUM tile|banks|per bank|needs .* SBUF|"
-                      r"tensorize '\w+' computed at .* a matmul needs")
+# build may refuse only for capacity (every other rule is checked by the step itself)
+CAPACITY = re.compile(r"overflow|PSUM tile|banks|per bank|needs .* SBUF")
 
 
 class Draw:
@@ -425,6 +423,59 @@ def test_refused_step_leaves_schedule_unchanged():
     with pytest.raises(TensorlangError):
         s.tile(i, j, 64, 0)  # the second split fails after the first succeeded
     assert s.state == before and s.trace() == trace
+
+
+# ---------------------------------------------------------------------------------------
+# refused at the step, not at build: a tensorized stage computed at a consumer takes the
+# consumer's tile layout, so the matmul operand rule is checked against that layout by
+# whichever step completes the conflict (compute_at, or the consumer's partition/vectorize)
+
+def mlp_sched(split_i=True):
+    mlp = load_example("mlp").gelu_linear
+    prog = mlp.trace(tl.spec((24, 48), "bfloat16"), tl.spec((48, 40), "bfloat16"),
+                     tl.spec((40,), "bfloat16"))
+    s = prog.schedule()
+    i, j = s.axes("Y")
+    (k,) = s.reduce_axes("H")
+    io, ii = s.split(i, 8) if split_i else (None, None)
+    return prog, s, (io, ii, j, k)
+
+
+def test_refuse_compute_at_of_tensorized_stage_into_a_mixed_layout():
+    _, s, (io, ii, j, k) = mlp_sched()
+    s.partition(ii)
+    s.vectorize(io)
+    s.tensorize(k)
+    before = s.state
+    refused(lambda: s.compute_at("H", j), "compute_at", "'H'", "Y.j", "partition 'ii'",
+            "operand 'X'", "vectorized loop 'io'", "[K, M] x [K, N]")
+    assert s.state == before
+
+
+def test_refuse_consumer_layout_step_that_breaks_an_attached_matmul():
+    _, s, (io, ii, j, k) = mlp_sched()
+    s.tensorize(k)
+    s.compute_at("H", j)
+    s.partition(ii)
+    refused(lambda: s.vectorize(io), "vectorize", "'H'", "computed at Y.j", "partition 'ii'",
+            "operand 'X'", "vectorized loop 'io'", "[K, M] x [K, N]")
+
+
+def test_refuse_consumer_step_that_leaves_no_partition_for_an_attached_matmul():
+    _, s, (io, ii, j, k) = mlp_sched()
+    s.tensorize(k)
+    s.compute_at("H", j)
+    # i's loops would then index X on both the partitions and the free axis; j hosts H
+    refused(lambda: s.vectorize(io), "vectorize", "stage 'Y'", "no loop left to map to the "
+            "partitions", "'H' is tensorized", "spatial loops: io, ii, j")
+
+
+def test_tensorized_stage_at_a_consumer_builds_with_a_completed_layout():
+    prog, s, (_, _, j, k) = mlp_sched(split_i=False)
+    s.tensorize(k)
+    s.compute_at("H", j)
+    inputs = [random_array(t.shape, t.dtype, seed=n, scale=0.3) for n, t in enumerate(prog.inputs)]
+    check_values(prog, s.build("trn2"), inputs, prog.reference(*inputs), "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------
