@@ -333,8 +333,7 @@ class Region(NamedTuple):
     cells: int          # row blocks * ncol
 
 
-@dataclass(frozen=True)
-class Footprint:
+class Footprint(NamedTuple):
     """Static geometry of an operand's footprint (see the module docstring).
 
     The dynamic byte address is a = offset.eval(env) * scale + adj. HBM (dyn): rows
@@ -384,11 +383,12 @@ def regions(program: Program, spec: MachineSpec) -> dict:
 
 
 
-def footprint(ap: AP, program: Program, spec: MachineSpec, regs: dict) -> Footprint:
+def footprint(ap: AP, program: Program, spec: MachineSpec, regs: dict,
+              tensors: "dict | None" = None) -> Footprint:
     es = itemsize(ap.dtype)
     if ap.mem == "hbm":
         try:
-            t = program.tensor(ap.name)
+            t = tensors[ap.name] if tensors is not None else program.tensor(ap.name)
         except KeyError:
             raise SimError(f"operand refers to HBM tensor {ap.name!r}, which program "
                            f"{program.name!r} does not declare") from None
@@ -462,123 +462,148 @@ def _shift(n: int) -> int:
     return n.bit_length() - 1 if n > 0 and n & (n - 1) == 0 else -1
 
 
+_CACHES: dict = {}              # id(spec) -> (spec, {Instr: (Cost, footprints)})
+CACHE_CAP = 100_000
+
+
+def _static(ins: Instr, spec: MachineSpec, program: Program, regs: dict, decls: dict,
+            metas: dict):
+    """(Cost, footprints of reads + writes) of an instruction, cached per machine by the
+    instruction's value: a tuner's candidates share most instruction templates, so repeated
+    ones cost a dict lookup instead of the per-operand geometry."""
+    ent = _CACHES.get(id(spec))
+    if ent is None or ent[0] is not spec:
+        if len(_CACHES) >= 16:
+            _CACHES.clear()
+        ent = _CACHES[id(spec)] = (spec, {})
+    cache = ent[1]
+    hit = cache.get(ins)
+    if hit is not None:
+        c, fps, used = hit
+        # footprints depend on the HBM tensors' element size and row length too
+        if all(metas.get(n) == m for n, m in used):
+            return c, fps
+    c = instr_cost(ins, spec)
+    fps = tuple(footprint(ap, program, spec, regs, decls) for ap in c.reads + c.writes)
+    used = tuple((ap.name, metas[ap.name]) for ap in c.reads + c.writes if ap.mem == "hbm")
+    if len(cache) >= CACHE_CAP:
+        cache.clear()
+    cache[ins] = (c, fps, used)
+    return c, fps
+
+
 def flatten(program: Program, spec: MachineSpec) -> Flat:
     regs = regions(program, spec)
     rbk = row_block(spec)
+    blk = rbk // MASK_BITS
+    decls = {t.name: t for t in program.tensors}
+    metas = {t.name: (t.dtype, tuple(t.shape)) for t in program.tensors}
     code: list = []
-    irows: list = []
-    orows: list = []
-    trows: list = []
-    instrs: list = []
-    costs: list = []
+    statics: list = []          # per static instruction: (Instr, Cost, footprints, scope)
     counts: list = []
     depth = 0
-    cost_cache: dict = {}
-    fp_cache: dict = {}
+    written, read = set(), set()
+
+    def walk(nodes, scope: tuple, mult: int) -> None:
+        nonlocal depth
+        for n in nodes:
+            if isinstance(n, Loop):
+                if n.extent < 0:
+                    raise SimError(f"loop {n.var!r} has negative extent {n.extent}")
+                lvl = len(scope)
+                if lvl >= depth:
+                    depth = lvl + 1
+                begin = len(code)
+                code.append([LOOP_BEGIN, lvl, n.extent, 0])
+                walk(n.body, scope + ((n.var, n.extent),), mult * n.extent)
+                code[begin][3] = len(code)
+                code.append([LOOP_END, lvl, n.extent, begin])
+            else:
+                c, fps = _static(n, spec, program, regs, decls, metas)
+                nr = len(c.reads)
+                for k, fp in enumerate(fps):
+                    (read if k < nr else written).add(fp.region)
+                code.append([INSTR, len(statics), 0, 0])
+                statics.append((n, c, fps, scope))
+                counts.append(mult)
+
+    walk(program.body, (), 1)
 
     # regions no instruction writes: reading them can neither wait (RAW) nor hold up a
     # writer (WAR), so those reads are not tracked at all (exact, and saves most of the
     # work for input tensors); regions no instruction reads: writes need no WAR check.
     # Cell state is allocated for written regions only (numbered compactly here).
-    written, read = set(), set()
-    for ins, _ in walk_instrs(program.body):
-        for ap in ins.srcs:
-            read.add(("hbm", ap.name) if ap.mem == "hbm" else ap.mem)
-        for ap in (ins.dst, ins.dst2):
-            if ap is not None:
-                written.add(("hbm", ap.name) if ap.mem == "hbm" else ap.mem)
     cnum = {}
     n_cells = 0
     for key, reg in regs.items():
         if key in written:
             cnum[key] = n_cells
             n_cells += reg.cells
+    rinfo = {key: (cnum[key], reg.rows, reg.row_bytes, _shift(reg.row_bytes), reg.ncol,
+                   reg.gran, _shift(reg.gran), -(-reg.rows // rbk))
+             for key, reg in regs.items() if key in written}
+    untracked = (0,) * O_COLS
+    irows: list = []
+    orows: list = []
+    trows: list = []
     max_segs = 1
-
-    def operand(ap: AP, scope: list, is_read: bool) -> int:
-        fp = fp_cache.get(id(ap))
-        if fp is None:
-            fp = fp_cache[id(ap)] = footprint(ap, program, spec, regs)
-        region = fp.region
-        if region not in written:           # untracked: no address, no cells
-            orows.append((0,) * O_COLS)
-            return 0
-        reg = regs[region]
-        kind = K_READ if is_read else (K_WRITE_WAR if region in read else K_WRITE)
-        t0 = len(trows)
-        for var, coef, mod in ap.offset.terms:
-            for lvl in range(len(scope) - 1, -1, -1):
-                if scope[lvl][0] == var:
-                    break
-            else:
-                names = ", ".join(v for v, _ in scope) or "none"
-                raise SimError(f"address of {ap.name!r} uses loop variable {var!r}, which no "
-                               f"enclosing loop defines (enclosing: {names})")
-            if mod < 0:
-                raise SimError(f"address of {ap.name!r}: modulus {mod} of {var!r} must be >= 0")
-            if mod >= scope[lvl][1]:
-                mod = 0                     # the loop never reaches the modulus
-            if coef == 0 or mod == 1:
-                continue                    # the term is always 0
-            # mask: x % mod == x & (mod - 1) for a power-of-two mod (saves a division)
-            mask = mod - 1 if mod and mod & (mod - 1) == 0 else -1
-            trows.append((lvl, coef * fp.scale, mod, mask))
-        runs, mask = fp.runs, 0
-        if not fp.dyn:                      # static rows (partitions): one row block
-            r0, r1 = max(fp.r0, 0), min(fp.r0 + fp.nrows - 1, reg.rows - 1)
-            if r0 > r1:
-                runs = 0                    # outside the memory: touches nothing
-            else:
-                blk = rbk // MASK_BITS
-                mask = ((2 << (r1 // blk)) - 1) ^ ((1 << (r0 // blk)) - 1)
-        orows.append((cnum[region], reg.rows, reg.row_bytes, _shift(reg.row_bytes), reg.ncol,
-                      reg.gran, _shift(reg.gran), ap.offset.base * fp.scale + fp.adj, t0,
-                      len(trows), runs, fp.pitch, fp.extent, fp.span, kind, int(fp.dyn),
-                      mask, fp.nrows))
-        # cell segments: one per row block and run (a wrapped HBM access is one full-row run)
-        touched = fp.nrows + ((reg.row_bytes + fp.span - 2) // reg.row_bytes if fp.dyn else 0)
-        nrb = min(-(-reg.rows // rbk), (min(touched, reg.rows) + rbk - 2) // rbk + 1)
-        return nrb * fp.runs
-
-    def walk(nodes, scope: list, mult: int) -> None:
-        nonlocal depth, max_segs
-        for n in nodes:
-            if isinstance(n, Loop):
-                if n.extent < 0:
-                    raise SimError(f"loop {n.var!r} has negative extent {n.extent}")
-                lvl = len(scope)
-                depth = max(depth, lvl + 1)
-                begin = len(code)
-                code.append([LOOP_BEGIN, lvl, n.extent, 0])
-                walk(n.body, scope + [(n.var, n.extent)], mult * n.extent)
-                code[begin][3] = len(code)
-                code.append([LOOP_END, lvl, n.extent, begin])
-            else:
-                c = cost_cache.get(id(n))
-                if c is None:
-                    c = cost_cache[id(n)] = instr_cost(n, spec)
-                op0 = len(orows)
-                segs = 0
-                for ap in c.reads:
-                    segs += operand(ap, scope, True)
-                for ap in c.writes:
-                    segs += operand(ap, scope, False)
-                if segs > max_segs:
-                    max_segs = segs
-                code.append([INSTR, len(instrs), 0, 0])
-                irows.append((c.stream, c.ii_ps, c.lat_ps, int(c.is_dma), c.hbm_ps, c.ports,
-                              op0, len(c.reads) + len(c.writes)))
-                instrs.append(n)
-                costs.append(c)
-                counts.append(mult)
-
-    walk(program.body, [], 1)
+    for ins, c, fps, scope in statics:
+        op0 = len(orows)
+        nr = len(c.reads)
+        segs = 0
+        for k, (ap, fp) in enumerate(zip(c.reads + c.writes, fps)):
+            ri = rinfo.get(fp.region)
+            if ri is None:                  # untracked: no address, no cells
+                orows.append(untracked)
+                continue
+            cb, rows, rbytes, rbsh, ncol, gran, gsh, nrb = ri
+            kind = K_READ if k < nr else (K_WRITE_WAR if fp.region in read else K_WRITE)
+            t0 = len(trows)
+            off = ap.offset
+            for var, coef, mod in off.terms:
+                lvl = len(scope) - 1
+                while lvl >= 0 and scope[lvl][0] != var:
+                    lvl -= 1
+                if lvl < 0:
+                    names = ", ".join(v for v, _ in scope) or "none"
+                    raise SimError(f"address of {ap.name!r} uses loop variable {var!r}, which "
+                                   f"no enclosing loop defines (enclosing: {names})")
+                if mod < 0:
+                    raise SimError(f"address of {ap.name!r}: modulus {mod} of {var!r} must "
+                                   "be >= 0")
+                if mod >= scope[lvl][1]:
+                    mod = 0                 # the loop never reaches the modulus
+                if coef == 0 or mod == 1:
+                    continue                # the term is always 0
+                # x % mod == x & (mod - 1) for a power-of-two mod (saves a division)
+                trows.append((lvl, coef * fp.scale, mod,
+                              mod - 1 if mod and mod & (mod - 1) == 0 else -1))
+            runs, mask = fp.runs, 0
+            if fp.dyn:
+                # segments: one per row block and run (a wrapped access is one full-row run)
+                touched = min(fp.nrows + (rbytes + fp.span - 2) // rbytes, rows)
+                segs += min(nrb, (touched + rbk - 2) // rbk + 1) * runs
+            else:                           # static rows (partitions): one row block
+                r0, r1 = max(fp.r0, 0), min(fp.r0 + fp.nrows - 1, rows - 1)
+                if r0 > r1:
+                    runs = 0                # outside the memory: touches nothing
+                else:
+                    mask = ((2 << (r1 // blk)) - 1) ^ ((1 << (r0 // blk)) - 1)
+                segs += runs
+            orows.append((cb, rows, rbytes, rbsh, ncol, gran, gsh,
+                          off.base * fp.scale + fp.adj, t0, len(trows), runs, fp.pitch,
+                          fp.extent, fp.span, kind, int(fp.dyn), mask, fp.nrows))
+        if segs > max_segs:
+            max_segs = segs
+        irows.append((c.stream, c.ii_ps, c.lat_ps, int(c.is_dma), c.hbm_ps, c.ports, op0,
+                      len(fps)))
     return Flat(
         code=np.array(code, dtype=np.int64).reshape(-1, 4),
         itab=np.array(irows, dtype=np.int64).reshape(-1, I_COLS),
         otab=np.array(orows, dtype=np.int64).reshape(-1, O_COLS),
         terms=np.array(trows, dtype=np.int64).reshape(-1, 4),
-        depth=depth, n_cells=max(n_cells, 1), max_segs=max_segs, instrs=instrs, costs=costs,
+        depth=depth, n_cells=max(n_cells, 1), max_segs=max_segs,
+        instrs=[x[0] for x in statics], costs=[x[1] for x in statics],
         counts=np.array(counts, dtype=np.int64))
 
 
