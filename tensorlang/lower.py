@@ -59,6 +59,10 @@ class Lin:
     def __add__(self, o: "Lin | int") -> "Lin":
         if isinstance(o, int):
             return Lin(self.const + o, self.terms)
+        if not o.terms:                       # terms are kept canonical: nothing to merge
+            return Lin(self.const + o.const, self.terms)
+        if not self.terms:
+            return Lin(self.const + o.const, o.terms)
         d: dict = {}
         for v, c, m in self.terms + o.terms:
             d[(v, m)] = d.get((v, m), 0) + c
@@ -1352,8 +1356,9 @@ def _slice_ap(ap: isa.AP, d: int, start: int, n: int) -> isa.AP:
 def _sub_ap(ap: isa.AP, start: int, n: int) -> isa.AP:
     (stride, _), rest = ap.dims[0], ap.dims[1:]
     if ap.mem == "hbm":
-        return dataclasses.replace(ap, offset=ap.offset + start * stride, dims=((stride, n),) + rest)
-    return dataclasses.replace(ap, part=ap.part + start, dims=((stride, n),) + rest)
+        return isa.AP(ap.mem, ap.name, ap.dtype, ap.offset + start * stride, ((stride, n),) + rest,
+                      ap.part)
+    return isa.AP(ap.mem, ap.name, ap.dtype, ap.offset, ((stride, n),) + rest, ap.part + start)
 
 
 # ----------------------------------------------------------------------------------------
