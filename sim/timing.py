@@ -126,12 +126,18 @@ INSTR, LOOP_BEGIN, LOOP_END = 0, 1, 2
 # per-static-instruction table columns
 I_STREAM, I_II, I_LAT, I_DMA, I_HBM, I_PORTS, I_OP0, I_NOPS = range(8)
 I_COLS = 8
-# per-operand table columns (O_RUNS == 0: untracked operand)
-(O_CBASE, O_ROWS, O_RB, O_RBSH, O_NCOL, O_G, O_GSH, O_BASE, O_T0, O_T1, O_RUNS, O_PITCH, O_E,
- O_SPAN, O_KIND, O_DYN, O_MASK, O_NROWS) = range(18)
-O_COLS = 18
+# per-operand table columns, hot ones first (O_MODE: M_NONE untracked, M_FAST one run of
+# static rows, M_FULL anything else)
+(O_MODE, O_BASE, O_CBASE, O_GSH, O_E, O_NCOL, O_KIND, O_MASK, O_G, O_RUNS, O_PITCH, O_DYN,
+ O_ROWS, O_RB, O_RBSH, O_SPAN, O_NROWS) = range(17)
+M_NONE, M_FAST, M_FULL = 0, 1, 2
+O_COLS = 17
 K_READ, K_WRITE_WAR, K_WRITE = 0, 1, 2      # operand kinds (a write needs WAR checks only if
                                             # some instruction reads its region)
+# cell state columns: last write's ready time; last write's stream + 1 (0: none, -1: mixed);
+# latest read end; row sub-blocks written this epoch; latest ready before the epoch
+S_LW, S_LWS, S_LR, S_LWM, S_LWO = range(5)
+S_COLS = 8                      # (padded: one 64-byte line per cell)
 MASK_BITS = 32                  # row sub-blocks tracked per cell (bits of an int64 mask)
 FULL_MASK = (1 << MASK_BITS) - 1
 PORT_SBUF, PORT_PSUM = 1, 2
@@ -440,10 +446,11 @@ def footprint(ap: AP, program: Program, spec: MachineSpec, regs: dict,
 @dataclass
 class Flat:
     """A program flattened for the core (see the module docstring)."""
-    code: np.ndarray        # [n, 4] (kind, level | instr id, extent, jump pc)
+    code: np.ndarray        # [n, 6] (kind, level | instr id, extent, jump pc, loop's terms)
     itab: np.ndarray        # [instrs, I_COLS]
     otab: np.ndarray        # [operands, O_COLS]
-    terms: np.ndarray       # [terms, 4] (level, byte coefficient, mod (0: none), mod-1 mask or -1)
+    terms: np.ndarray       # [terms, 5] (loop's code row, byte coefficient, mod (0: none),
+                            #  mod-1 mask or -1, operand), grouped by loop
     depth: int
     n_cells: int
     max_segs: int           # most cell segments one instruction can touch
@@ -514,16 +521,16 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
                 if lvl >= depth:
                     depth = lvl + 1
                 begin = len(code)
-                code.append([LOOP_BEGIN, lvl, n.extent, 0])
-                walk(n.body, scope + ((n.var, n.extent),), mult * n.extent)
+                code.append([LOOP_BEGIN, lvl, n.extent, 0, 0, 0])
+                walk(n.body, scope + ((n.var, n.extent, begin),), mult * n.extent)
                 code[begin][3] = len(code)
-                code.append([LOOP_END, lvl, n.extent, begin])
+                code.append([LOOP_END, lvl, n.extent, begin, 0, 0])
             else:
                 c, fps = _static(n, spec, program, regs, decls, metas)
                 nr = len(c.reads)
                 for k, fp in enumerate(fps):
                     (read if k < nr else written).add(fp.region)
-                code.append([INSTR, len(statics), 0, 0])
+                code.append([INSTR, len(statics), 0, 0, 0, 0])
                 statics.append((n, c, fps, scope))
                 counts.append(mult)
 
@@ -558,14 +565,13 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
                 continue
             cb, rows, rbytes, rbsh, ncol, gran, gsh, nrb = ri
             kind = K_READ if k < nr else (K_WRITE_WAR if fp.region in read else K_WRITE)
-            t0 = len(trows)
             off = ap.offset
             for var, coef, mod in off.terms:
                 lvl = len(scope) - 1
                 while lvl >= 0 and scope[lvl][0] != var:
                     lvl -= 1
                 if lvl < 0:
-                    names = ", ".join(v for v, _ in scope) or "none"
+                    names = ", ".join(v[0] for v in scope) or "none"
                     raise SimError(f"address of {ap.name!r} uses loop variable {var!r}, which "
                                    f"no enclosing loop defines (enclosing: {names})")
                 if mod < 0:
@@ -576,8 +582,8 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
                 if coef == 0 or mod == 1:
                     continue                # the term is always 0
                 # x % mod == x & (mod - 1) for a power-of-two mod (saves a division)
-                trows.append((lvl, coef * fp.scale, mod,
-                              mod - 1 if mod and mod & (mod - 1) == 0 else -1))
+                trows.append((scope[lvl][2], coef * fp.scale, mod,
+                              mod - 1 if mod and mod & (mod - 1) == 0 else -1, len(orows)))
             runs, mask = fp.runs, 0
             if fp.dyn:
                 # segments: one per row block and run (a wrapped access is one full-row run)
@@ -590,18 +596,30 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
                 else:
                     mask = ((2 << (r1 // blk)) - 1) ^ ((1 << (r0 // blk)) - 1)
                 segs += runs
-            orows.append((cb, rows, rbytes, rbsh, ncol, gran, gsh,
-                          off.base * fp.scale + fp.adj, t0, len(trows), runs, fp.pitch,
-                          fp.extent, fp.span, kind, int(fp.dyn), mask, fp.nrows))
+            mode = M_NONE if runs == 0 else M_FAST if runs == 1 and not fp.dyn else M_FULL
+            orows.append((mode, off.base * fp.scale + fp.adj, cb, gsh, fp.extent,
+                          ncol, kind, mask, gran, runs, fp.pitch, int(fp.dyn), rows, rbytes,
+                          rbsh, fp.span, fp.nrows))
         if segs > max_segs:
             max_segs = segs
         irows.append((c.stream, c.ii_ps, c.lat_ps, int(c.is_dma), c.hbm_ps, c.ports, op0,
                       len(fps)))
+    # terms grouped by the loop that drives them; each loop's range in its code rows
+    trows.sort(key=lambda r: r[0])
+    k = 0
+    while k < len(trows):
+        k1 = k
+        begin = trows[k][0]
+        while k1 < len(trows) and trows[k1][0] == begin:
+            k1 += 1
+        code[begin][4:6] = k, k1
+        code[code[begin][3]][4:6] = k, k1
+        k = k1
     return Flat(
-        code=np.array(code, dtype=np.int64).reshape(-1, 4),
+        code=np.array(code, dtype=np.int64).reshape(-1, 6),
         itab=np.array(irows, dtype=np.int64).reshape(-1, I_COLS),
         otab=np.array(orows, dtype=np.int64).reshape(-1, O_COLS),
-        terms=np.array(trows, dtype=np.int64).reshape(-1, 4),
+        terms=np.array(trows, dtype=np.int64).reshape(-1, 5),
         depth=depth, n_cells=max(n_cells, 1), max_segs=max_segs,
         instrs=[x[0] for x in statics], costs=[x[1] for x in statics],
         counts=np.array(counts, dtype=np.int64))
@@ -753,16 +771,16 @@ def _dma_end(start, q, h, tag, used, bin_ps, bin_sh, mask):
 
 @njit(cache=True, error_model="numpy")
 def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_sh, blk, blk_sh,
-          lw, lws, lr, lwm, lwo, tag, used, rec_cap):
-    """Run the model. lw/lws/lr/lwm/lwo (cell state) and tag/used (HBM-channel bins) are
-    caller-owned scratch: zero (tag: -1) on entry, and left so on return."""
-    # lw: last write's ready time; lws: last write's stream + 1 (0: none, -1: mixed);
-    # lr: latest read end; lwm: partition blocks of this epoch; lwo: ready before the epoch
+          st, tag, used, rec_cap):
+    """Run the model. st (cell state, one row of S_COLS per cell) and tag/used (HBM-channel
+    bins) are caller-owned scratch: zero (tag: -1) on entry, and left so on return."""
     mask = tag.shape[0] - 1
     bin_sh = 0
     while (1 << bin_sh) < bin_ps:
         bin_sh += 1
     iv = np.zeros(max(depth, 1), np.int64)
+    addr = otab[:, O_BASE].copy()               # operand byte addresses, kept up to date
+    cur = np.zeros(terms.shape[0], np.int64)    # each term's current contribution
     sfree = np.zeros(n_streams, np.int64)
     busy = np.zeros(n_streams, np.int64)
     port_sbuf = 0
@@ -774,7 +792,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
     rec_s = np.zeros(rec_cap, np.int64)
     rec_e = np.zeros(rec_cap, np.int64)
     rec_i = np.zeros(rec_cap, np.int64)
-    gmin = lw.shape[0]                           # touched cell range, cleared on return
+    gmin = st.shape[0]                           # touched cell range, cleared on return
     gmax = -1
     bmin = 1 << 62                               # touched bins
     bmax = -1
@@ -801,17 +819,10 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
             ns = 0
             o0 = itab[i, I_OP0]
             for o in range(o0, o0 + itab[i, I_NOPS]):
-                if otab[o, O_RUNS] > 0:
-                    a = otab[o, O_BASE]
-                    for k in range(otab[o, O_T0], otab[o, O_T1]):
-                        x = iv[terms[k, 0]]
-                        if terms[k, 2] != 0:
-                            if terms[k, 3] >= 0:
-                                x = x & terms[k, 3]
-                            else:
-                                x = x % terms[k, 2]
-                        a += terms[k, 1] * x
-                    if otab[o, O_DYN] == 0 and otab[o, O_RUNS] == 1:   # the common case
+                mode = otab[o, O_MODE]
+                if mode != M_NONE:
+                    a = addr[o]
+                    if mode == M_FAST:
                         gsh = otab[o, O_GSH]
                         if gsh >= 0:
                             g0 = a >> gsh
@@ -840,20 +851,19 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                 kk = seg_k[k]
                 if kk == K_READ:
                     for g in range(lo, hi):
-                        if lw[g] > t:
-                            t = lw[g]
+                        if st[g, S_LW] > t:
+                            t = st[g, S_LW]
                 else:
-                    if kk == K_WRITE_WAR:
-                        for g in range(lo, hi):
-                            if lr[g] > t:
-                                t = lr[g]
+                    war = kk == K_WRITE_WAR
                     m = seg_m[k]
                     for g in range(lo, hi):
-                        if lwm[g] & m:
-                            if lws[g] != s1 and lw[g] > t:
-                                t = lw[g]
-                        elif lwo[g] > t:
-                            t = lwo[g]
+                        if war and st[g, S_LR] > t:
+                            t = st[g, S_LR]
+                        if st[g, S_LWM] & m:
+                            if st[g, S_LWS] != s1 and st[g, S_LW] > t:
+                                t = st[g, S_LW]
+                        elif st[g, S_LWO] > t:
+                            t = st[g, S_LWO]
             start = t
             if itab[i, I_DMA]:
                 h = itab[i, I_HBM]
@@ -883,23 +893,23 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                 hi = seg_hi[k] + 1
                 if seg_k[k] == K_READ:
                     for g in range(lo, hi):
-                        if end > lr[g]:
-                            lr[g] = end
+                        if end > st[g, S_LR]:
+                            st[g, S_LR] = end
                 else:
                     m = seg_m[k]
                     for g in range(lo, hi):
-                        if lwm[g] & m:              # overlaps this epoch's writes: a new epoch
-                            lwo[g] = lw[g]
-                            lwm[g] = m
-                            lws[g] = s1
+                        if st[g, S_LWM] & m:              # overlaps this epoch's writes: a new epoch
+                            st[g, S_LWO] = st[g, S_LW]
+                            st[g, S_LWM] = m
+                            st[g, S_LWS] = s1
                         else:                       # disjoint partitions: joins the epoch
-                            if lwm[g] == 0:
-                                lws[g] = s1
-                            elif lws[g] != s1:
-                                lws[g] = -1
-                            lwm[g] |= m
-                        if ready > lw[g]:
-                            lw[g] = ready
+                            if st[g, S_LWM] == 0:
+                                st[g, S_LWS] = s1
+                            elif st[g, S_LWS] != s1:
+                                st[g, S_LWS] = -1
+                            st[g, S_LWM] |= m
+                        if ready > st[g, S_LW]:
+                            st[g, S_LW] = ready
                 if lo < gmin:
                     gmin = lo
                 if hi > gmax:
@@ -916,23 +926,34 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
         elif kind == LOOP_BEGIN:
             lvl = code[pc, 1]
             iv[lvl] = 0
+            for k in range(code[pc, 4], code[pc, 5]):   # the loop's terms restart at 0
+                addr[terms[k, 4]] -= cur[k]
+                cur[k] = 0
             if code[pc, 2] <= 0:
                 pc = code[pc, 3] + 1
             else:
                 pc += 1
         else:
             lvl = code[pc, 1]
-            iv[lvl] += 1
-            if iv[lvl] < code[pc, 2]:
+            x = iv[lvl] + 1
+            iv[lvl] = x
+            if x < code[pc, 2]:
+                for k in range(code[pc, 4], code[pc, 5]):   # update the loop's terms
+                    y = x
+                    if terms[k, 2] != 0:
+                        if terms[k, 3] >= 0:
+                            y = x & terms[k, 3]
+                        else:
+                            y = x % terms[k, 2]
+                    v = terms[k, 1] * y
+                    addr[terms[k, 4]] += v - cur[k]
+                    cur[k] = v
                 pc = code[pc, 3] + 1
             else:
                 pc += 1
     for g in range(gmin, gmax):                  # leave the scratch clean for the next run
-        lw[g] = 0
-        lws[g] = 0
-        lr[g] = 0
-        lwm[g] = 0
-        lwo[g] = 0
+        for c in range(S_COLS):
+            st[g, c] = 0
     if bmax - bmin + 1 >= tag.shape[0]:
         tag[:] = -1
         used[:] = 0
@@ -946,11 +967,11 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
 def run_core(flat: Flat, spec: MachineSpec, rec_cap: int = 0):
     """Run the Numba core on a flattened program: (total_ps, busy[stream], hbm_busy_ps,
     dynamic count, start_ps[], end_ps[], static_id[]) (records only up to rec_cap)."""
-    lw, lws, lr, lwm, lwo, tag, used = _scratch(flat.n_cells, HBM_RING_BINS)
+    st, tag, used = _scratch(flat.n_cells, HBM_RING_BINS)
     return _core(flat.code, flat.itab, flat.otab, flat.terms, len(ENGINES) + spec.dma_queues,
                  flat.depth, flat.max_segs, hbm_bin_ps(spec), row_block(spec),
                  _shift(row_block(spec)), partition_block(spec), _shift(partition_block(spec)),
-                 lw, lws, lr, lwm, lwo, tag, used, rec_cap)
+                 st, tag, used, rec_cap)
 
 
 _pool = threading.local()
@@ -962,10 +983,9 @@ def _scratch(n_cells: int, n_bins: int):
     if n_bins & (n_bins - 1):
         raise SimError(f"HBM_RING_BINS={n_bins} must be a power of two")
     st = getattr(_pool, "state", None)
-    if st is None or st[0].shape[0] < n_cells or st[5].shape[0] != n_bins:
-        size = max(n_cells, 4096)
-        st = tuple(np.zeros(size, np.int64) for _ in range(5)) + (
-            np.full(n_bins, -1, np.int64), np.zeros(n_bins, np.int64))
+    if st is None or st[0].shape[0] < n_cells or st[1].shape[0] != n_bins:
+        st = (np.zeros((max(n_cells, 4096), S_COLS), np.int64), np.full(n_bins, -1, np.int64),
+              np.zeros(n_bins, np.int64))
         _pool.state = st
     return st
 
