@@ -74,6 +74,15 @@ class Param:
         raise TensorlangError(f"config parameter {self.name!r}: value {value!r} is not one of "
                               f"{_short(self.values)}")
 
+    @property
+    def ordinal(self) -> bool:
+        """Whether neighbouring indices are neighbouring values: tile sizes, int ranges, SJT
+        orders, and choices among increasing numbers (e.g. pipeline depths)."""
+        if self.kind != "choice":
+            return True
+        nums = [v for v in self.values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return len(nums) == len(self.values) and all(a < b for a, b in zip(nums, nums[1:]))
+
     def nearest_index(self, value) -> int:
         """The index of the legal value closest to `value` (warm starts from other shapes)."""
         try:
@@ -180,14 +189,16 @@ class Prefix:
 
 
 class Optuna:
-    """Decisions from an optuna Trial. Ordered domains (split, int, order) are integer
-    indices so the sampler sees their order; choices are categorical."""
+    """Decisions from an optuna Trial. Ordered domains (split, int, order, choices among
+    increasing numbers) are integer indices so the sampler's model sees their order (a
+    power-of-two tile size is its log2 less the smallest one's); other choices are
+    categorical."""
 
     def __init__(self, trial):
         self.trial = trial
 
     def pick(self, p: Param) -> int:
-        if p.kind == "choice":
+        if p.kind == "choice" and not p.ordinal:
             return self.trial.suggest_categorical(p.name, list(range(len(p.values))))
         if p.kind == "int":
             return self.trial.suggest_int(p.name, p.values[0], p.values[-1], log=bool(p.meta)) \
@@ -201,6 +212,17 @@ def optuna_params(cfg: Config) -> dict:
     for name, p in cfg.params.items():
         i = p.index_of(cfg.values[name])
         out[name] = p.values[i] if p.kind == "int" else i
+    return out
+
+
+def neighbours(cfg: Config) -> list[dict]:
+    """Configs one step away from a resolved config: one ordered parameter moved to the
+    adjacent value, or one categorical parameter changed (value dicts, for `Nearest`)."""
+    out = []
+    for name, p in cfg.params.items():
+        i = p.index_of(cfg.values[name])
+        steps = [i - 1, i + 1] if p.ordinal else [j for j in range(len(p.values)) if j != i]
+        out += [{**cfg.values, name: p.values[j]} for j in steps if 0 <= j < len(p.values)]
     return out
 
 

@@ -47,6 +47,7 @@ class Trial:
     time_us: float | None = None
     roofline_fraction: float | None = None
     error: str | None = None    # why a pruned candidate was refused
+    source: str = "sampler"     # "sampler" | "local" (neighbour step) | "warm_start" (records)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class TuneResult:
 
     @property
     def history(self) -> list[int | None]:
-        """Best cycles so far after each trial (by trial number)."""
+        """Best cycles so far after each counted trial (distinct configs, by trial number)."""
         out, best = [], None
         for t in sorted(self.trials, key=lambda t: t.number):
             if t.cycles is not None and (best is None or t.cycles < best):
@@ -123,7 +124,7 @@ class Evaluator:
 def _trial_of(number: int, res: dict) -> Trial:
     return Trial(number, res["state"], res.get("config", {}), res.get("schedule", []),
                  res.get("cycles"), res.get("time_us"), res.get("roofline_fraction"),
-                 res.get("error"))
+                 res.get("error"), res.get("source", "sampler"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,11 +138,17 @@ def _quiet_optuna():
     return optuna
 
 
-def make_sampler(name: str, seed: int):
+def startup_trials(trials: int) -> int:
+    """Random start-up trials of the model-based samplers: a quarter of the budget, 4..10."""
+    return min(10, max(4, trials // 4))
+
+
+def make_sampler(name: str, seed: int, trials: int = 40):
     optuna = _quiet_optuna()
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                          constant_liar=True, n_startup_trials=10)
+                                          constant_liar=True,
+                                          n_startup_trials=startup_trials(trials))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
@@ -152,13 +159,17 @@ def make_sampler(name: str, seed: int):
         except ImportError:
             raise TensorlangError("sampler 'cmaes' needs the 'cmaes' package "
                                   "(pip install cmaes)") from None
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        # categorical parameters (no order) are left to the independent sampler (random)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup_trials(trials),
+                                            warn_independent_sampling=False)
     if name == "gp":
         try:
+            import scipy  # noqa: F401, PLC0415
             import torch  # noqa: F401, PLC0415
         except ImportError:
-            raise TensorlangError("sampler 'gp' needs PyTorch (pip install torch)") from None
-        return optuna.samplers.GPSampler(seed=seed)
+            raise TensorlangError("sampler 'gp' needs PyTorch and SciPy (pip install torch "
+                                  "scipy); they are not tensorlang dependencies") from None
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
     raise TensorlangError(f"unknown sampler {name!r}; samplers are: {', '.join(SAMPLERS)}")
 
 
@@ -204,7 +215,7 @@ def _result_of_frozen(t) -> dict:
     a = t.user_attrs
     out = {"state": "complete" if t.state.name == "COMPLETE" else "pruned",
            "config": a.get("config", {}), "schedule": a.get("schedule", [])}
-    for k in ("cycles", "time_us", "roofline_fraction", "error"):
+    for k in ("cycles", "time_us", "roofline_fraction", "error", "source"):
         if k in a:
             out[k] = a[k]
     return out
@@ -214,29 +225,120 @@ def _result_of_frozen(t) -> dict:
 # the search loop (one process)
 
 
+def _config_key(config: dict) -> str:
+    return json.dumps(config, sort_keys=True)
+
+
+class _Search:
+    """One process's view of a study: the distinct configs measured so far (by anyone on the
+    storage) and the best-first neighbour steps.
+
+    A proposal whose config was already measured is a duplicate: it is told FAILED (marked
+    `duplicate`) and the sampler is asked again, so `trials` counts distinct configs. With
+    `local`, each batch after the start-up phase also holds one unmeasured neighbour (one
+    parameter one step away) of the best configs measured so far, and so does the next batch
+    after a duplicate proposal: the sampler's model finds the region, the neighbour steps
+    finish the descent inside it. Without `local` (or with every neighbour measured) a
+    duplicate proposal is followed by a uniformly drawn unmeasured config instead."""
+
+    def __init__(self, study, ev: Evaluator, local: bool, startup: int, seed: int = 0):
+        self.study, self.ev, self.local, self.startup = study, ev, local, startup
+        self.rng = _random.Random(seed)
+        self.seen: dict[str, tuple] = {}       # config key -> (cycles or None, config)
+        self.done_numbers: set[int] = set()
+        self.exhausted: set[str] = set()       # configs whose neighbours are all measured
+        self.refresh()
+
+    def refresh(self):
+        for t in _finished(self.study):
+            if t.number not in self.done_numbers:
+                self.done_numbers.add(t.number)
+                cfg = t.user_attrs.get("config", {})
+                self.seen.setdefault(_config_key(cfg), (t.value, cfg))
+
+    def enqueue_neighbour(self, queued: int = 1) -> bool:
+        """Enqueue the first unmeasured neighbour of the measured configs, best first, unless
+        `queued` trials wait in the queue already (workers share it). False: none left."""
+        optuna = _quiet_optuna()
+        waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if len(waiting) >= queued:
+            return True
+        order = sorted(self.seen.items(), key=lambda kv: (kv[1][0] is None, kv[1][0] or 0))
+        for key, (_, config) in order:
+            if key in self.exhausted:
+                continue
+            cfg = self._resolve(config)
+            nbs = sp.neighbours(cfg) if cfg is not None else []
+            self.rng.shuffle(nbs)
+            for nb in nbs:
+                near = self._resolve(nb)
+                if near is not None and _config_key(near.values) not in self.seen:
+                    self.study.enqueue_trial(sp.optuna_params(near), user_attrs={"source": "local"})
+                    return True
+            self.exhausted.add(key)
+        return False
+
+    def enqueue_random(self, tries: int = 64) -> bool:
+        """Enqueue a uniformly drawn unmeasured config (the sampler keeps repeating itself)."""
+        for _ in range(tries):
+            cfg = self._resolve(None)
+            if cfg is not None and _config_key(cfg.values) not in self.seen:
+                self.study.enqueue_trial(sp.optuna_params(cfg), user_attrs={"source": "random"})
+                return True
+        return False
+
+    def _resolve(self, config: dict | None):
+        """The config a template run resolves `config` to (None: a random draw)."""
+        cfg = sp.Config(sp.Random(self.rng) if config is None else sp.Nearest(config))
+        s = self.ev.prog.schedule()
+        s.machine = self.ev.spec
+        try:
+            self.ev.template(s, cfg)
+        except TensorlangError:
+            pass
+        return cfg if cfg.params else None
+
+
 def _run_share(study, ev: Evaluator, n: int, batch: int, early_stop, pbar, records, kernel,
-               best0=None) -> None:
-    """Ask/tell `n` trials on `study` in batches of `batch`."""
+               best0=None, local: bool = True, startup: int = 10, seed: int = 0) -> None:
+    """Ask/tell until `n` new distinct configs are measured, in batches of `batch`."""
     optuna = _quiet_optuna()
+    search = _Search(study, ev, local, startup, seed)
     best = best0
-    since = 0
+    since = dups = 0
     done = 0
+    max_dups = max(32, 4 * batch)   # this many duplicate proposals in a row: space exhausted
     while done < n:
+        search.refresh()
         k = min(batch, n - done)
+        if local and len(search.seen) >= startup:
+            search.enqueue_neighbour()
         asked = [study.ask() for _ in range(k)]
         told, recs = [], []
         for t in asked:
             res, _ = ev.run(sp.Optuna(t))
-            for key in ("config", "schedule", "cycles", "time_us", "roofline_fraction", "error"):
-                if key in res:
-                    t.set_user_attr(key, res[key])
+            key = _config_key(res["config"])
+            if key in search.seen:
+                t.set_user_attr("duplicate", True)
+                t.set_user_attr("config", res["config"])
+                study.tell(t, state=optuna.trial.TrialState.FAIL)
+                dups += 1
+                if not (local and search.enqueue_neighbour()):
+                    search.enqueue_random()
+                continue
+            dups = 0
+            for a in ("config", "schedule", "cycles", "time_us", "roofline_fraction", "error"):
+                if a in res:
+                    t.set_user_attr(a, res[a])
             if res["state"] == "complete":
                 study.tell(t, res["cycles"])
                 recs.append(res)
             else:
                 study.tell(t, state=optuna.trial.TrialState.PRUNED)
+            search.seen[key] = (res.get("cycles"), res["config"])
+            search.done_numbers.add(t.number)
             told.append(res)
-        done += k
+        done += len(told)
         if records is not None and recs:
             records.add_many(Record(kernel, workload_key(ev.prog), ev.machine_name, TOOL_VERSION,
                                     r["config"], r["schedule"], r["cycles"], r["time_us"],
@@ -247,22 +349,23 @@ def _run_share(study, ev: Evaluator, n: int, batch: int, early_stop, pbar, recor
                 best, since = c, 0
             else:
                 since += 1
-        if pbar is not None:
-            pbar.update(k)
+        if pbar is not None and told:
+            pbar.update(len(told))
             if best is not None:
                 pbar.set_postfix_str(f"best {best:,} cycles")
-        if early_stop and since >= early_stop:
+        if (early_stop and since >= early_stop) or dups >= max_dups:
             return
 
 
 def _worker_main(prog, template, machine, storage, study_name, seed, sampler, n, batch,
-                 early_stop, records_path, kernel):
+                 early_stop, records_path, kernel, local, trials):
     optuna = _quiet_optuna()
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
-                              sampler=make_sampler(sampler, seed))
+                              sampler=make_sampler(sampler, seed, trials))
     ev = Evaluator(prog, template, machine)
     records = Records(records_path) if records_path is not None else None
-    _run_share(study, ev, n, batch, early_stop, None, records, kernel)
+    _run_share(study, ev, n, batch, early_stop, None, records, kernel, local=local,
+               startup=startup_trials(trials), seed=seed)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -280,12 +383,16 @@ def tune(prog: Program, template=None, machine="trn2", trials: int = 300, storag
          workers: int = 1, seed: int = 0, sampler: str = "tpe", early_stop: int | None = None,
          progress: bool = True, plot=None, records=None, study_name: str | None = None,
          kernel: str | None = None, batch: int = 8, warm_start: int = 3,
-         include_default: bool = True) -> TuneResult:
+         include_default: bool = True, local: bool | None = None) -> TuneResult:
     """Search schedules of `prog` for `machine`; see the module docstring.
 
     template: `template(s, cfg)` (see autotune.space) or None for the generated space.
-    trials: the total number of trials in the study (a resumed study counts its finished
-    trials). records: a Records database or path; trials are added as they finish, and the
+    trials: the number of distinct configs to measure, in total over the study (a resumed
+    study counts its finished trials); a config the sampler proposes again is not measured
+    again and not counted (the trial is told FAILED, marked `duplicate`); the run also ends
+    when the sampler proposes only measured configs (a small space is exhausted). local:
+    best-first neighbour steps besides the sampler's proposals (default: on for the
+    model-based samplers tpe/cmaes/gp, off for random/grid). records: a Records database or path; trials are added as they finish, and the
     nearest recorded shapes warm-start the search (`warm_start` of them). include_default:
     also measure the default schedule, and return it when no trial beats it.
     """
@@ -303,7 +410,9 @@ def tune(prog: Program, template=None, machine="trn2", trials: int = 300, storag
     if isinstance(records, (str, os.PathLike)):
         records = Records(records)
     study_name = study_name or default_study_name(prog, machine, kernel)
-    sampler_obj = make_sampler(sampler, seed)
+    sampler_obj = make_sampler(sampler, seed, trials)
+    if local is None:
+        local = sampler in ("tpe", "cmaes", "gp")
     study = optuna.create_study(study_name=study_name, storage=make_storage(storage),
                                 sampler=sampler_obj, direction="minimize", load_if_exists=True)
 
@@ -316,10 +425,11 @@ def tune(prog: Program, template=None, machine="trn2", trials: int = 300, storag
     best0 = min((t.value for t in done if t.value is not None), default=None)
     try:
         if remaining and workers == 1:
-            _run_share(study, ev, remaining, batch, early_stop, pbar, records, kernel, best0)
+            _run_share(study, ev, remaining, batch, early_stop, pbar, records, kernel, best0,
+                       local=local, startup=startup_trials(trials), seed=seed)
         elif remaining:
             _run_workers(prog, template, machine, storage, study, seed, sampler, remaining,
-                         workers, batch, early_stop, records, kernel, pbar)
+                         workers, batch, early_stop, records, kernel, pbar, local, trials)
     finally:
         if pbar is not None:
             pbar.close()
@@ -354,11 +464,11 @@ def _enqueue_nearest(study, ev: Evaluator, records: Records, kernel: str, n: int
         key = json.dumps(params, sort_keys=True)
         if params and key not in seen:
             seen.add(key)
-            study.enqueue_trial(params, skip_if_exists=True)
+            study.enqueue_trial(params, skip_if_exists=True, user_attrs={"source": "warm_start"})
 
 
 def _run_workers(prog, template, machine, storage, study, seed, sampler, remaining, workers,
-                 batch, early_stop, records, kernel, pbar):
+                 batch, early_stop, records, kernel, pbar, local, trials):
     import multiprocessing as mp  # noqa: PLC0415
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     shares = [remaining // workers + (w < remaining % workers) for w in range(workers)]
@@ -369,7 +479,8 @@ def _run_workers(prog, template, machine, storage, study, seed, sampler, remaini
             continue
         p = ctx.Process(target=_worker_main,
                         args=(prog, template, machine, str(storage), study.study_name,
-                              seed + 1000 * w, sampler, n, batch, early_stop, rpath, kernel),
+                              seed + 1000 * w, sampler, n, batch, early_stop, rpath, kernel,
+                              local, trials),
                         daemon=False)
         p.start()
         procs.append(p)
@@ -405,7 +516,7 @@ def plot_convergence(res: TuneResult, path) -> None:
         raise TensorlangError("plot: matplotlib is not installed "
                               "(pip install 'tensorlang[plot]')") from None
     trials = sorted(res.trials, key=lambda t: t.number)
-    xs = [t.number for t in trials if t.cycles is not None]
+    xs = [n for n, t in enumerate(trials) if t.cycles is not None]
     ys = [t.cycles for t in trials if t.cycles is not None]
     hist = res.history
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -415,7 +526,7 @@ def plot_convergence(res: TuneResult, path) -> None:
     if res.default is not None and res.default.cycles is not None:
         ax.axhline(res.default.cycles, color="grey", ls="--", lw=1, label="default schedule")
     ax.set_yscale("log")
-    ax.set_xlabel("trial")
+    ax.set_xlabel("distinct configs measured")
     ax.set_ylabel("cycles")
     ax.set_title(res.study_name, fontsize=8)
     ax.legend()
