@@ -574,6 +574,8 @@ class Schedule:
             for ld in pi.reads[cs.stage]:
                 if ld.tensor != pst.tensor:
                     continue
+                if not cs.tensorized and pi.mm[cs.stage] and ld in pi.mm[cs.stage]:
+                    continue    # a later tensorize of the consumer changes this read's layout
                 # the producer's operands, as axes of the consumer (through ld's index)
                 mapped = []
                 for op in (a, b):
