@@ -118,8 +118,11 @@ def template(s, cfg):
         s.vectorize(a)
     s.reorder(*loops, ii)
     s.partition(ii)
-    if cfg["pipe"] > 1 and ext(s, io) > 1:
-        s.pipeline(io, cfg["pipe"])
+    if len(loops) > 1 and cfg.get("fuse", True):   # one loop over all tiles: every load of the
+        loops = [s.fuse(*loops[:2])] + loops[2:]     # next tile overlaps this one's compute
+    inner = loops[-1]
+    if cfg["pipe"] > 1 and ext(s, inner) > 1:
+        s.pipeline(inner, cfg["pipe"])
 
 
 def simple(s, cfg):

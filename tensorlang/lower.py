@@ -359,7 +359,7 @@ def pad_tensors(prog: Program) -> tuple[Program, list]:
 
 
 class Lowerer:
-    def __init__(self, prog: Program, sched: Schedule, spec: sim.MachineSpec):
+    def __init__(self, prog: Program, sched: Schedule, spec: sim.MachineSpec, prior=None):
         self.prog, self.sched, self.spec = prog, sched, spec
         self.tensors = prog.tensors
         self.body: list[list] = [[]]
@@ -375,6 +375,16 @@ class Lowerer:
         self.trips = [1]                                  # iterations of the enclosing ISA loops
         self.home: int | None = None                      # memo level for kept intermediates
         self.home_funcs: set = set()                      # activation functions the consumer uses
+        self.keep: int | None = None                      # memo level for attached producers' tiles
+        self.writer: dict = {}                            # buffer -> engine of its last writer
+        self.hoisting = False                             # placing a buffer before the job's loops
+        self.job_buf0 = 0                                 # first buffer of the current root job
+        self.anc: dict = {}      # buffer -> (outermost loop body, engines its value came through)
+        self.decisions: list = []   # per emit_balanced call: {engine: load it added}
+        self.ncall = 0
+        self.prior = None           # second pass: the first pass's (decisions, loads)
+        if prior is not None:
+            self.prior, self.proj = prior[0], dict(prior[1])
         hbm = sum(int(np.prod(t.shape)) * ITEMSIZE[t.dtype] for t in (*prog.inputs, *prog.outputs))
         self.hbm_ps = hbm * 1000.0 / spec.dma_gbps         # the memory floor of the kernel
 
@@ -382,6 +392,16 @@ class Lowerer:
     def emit(self, ins: isa.Instr):
         if isinstance(ins, isa.Instr) and ins.engine in self.busy:
             self.busy[ins.engine] += instr_cost(ins, self.spec).ii_ps * self.trips[-1]
+            bid = id(self.body[1]) if len(self.body) > 1 else None
+            anc = {ins.engine}
+            for a in ins.srcs:
+                b, e = self.anc.get(a.name, (None, ()))
+                if b == bid:
+                    anc.update(e)
+            for a in (ins.dst, ins.dst2):
+                if a is not None:
+                    self.writer[a.name] = ins.engine
+                    self.anc[a.name] = (bid, frozenset(anc))
         self.body[-1].append(ins)
 
     def fresh(self, base: str) -> str:
@@ -415,7 +435,11 @@ class Lowerer:
         not alias (and so wait for) the one just released."""
         cap = self.spec.psum_partition_bytes if mem == "psum" else self.spec.sbuf_partition_bytes
         gaps, prev = [], 0
-        for lo, hi in sorted((x[1], x[1] + x[2]) for x in self.live if x[0] == mem):
+        taken = [(x[1], x[1] + x[2]) for x in self.live if x[0] == mem]
+        if self.hoisting:   # read by every iteration: clear of everything this job used too
+            taken += [(b.offset, b.offset + b.size) for b in self.buffers[self.job_buf0:]
+                      if b.mem == mem]
+        for lo, hi in sorted(taken):
             if lo > prev:
                 gaps.append((prev, lo))
             prev = max(prev, hi)
@@ -643,7 +667,7 @@ class Lowerer:
         env.lin["__acc__"] = (mem, name, base, dtype, slot_stride, tuple(reversed(strides)))
         return env
 
-    def alloc_banks(self, n: int, name: str, env: Env):
+    def alloc_banks(self, n: int, name: str, env: Env, level: int | None = None):
         spec = self.spec
         rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
         depth = rot[1] if rot else 1
@@ -656,7 +680,7 @@ class Lowerer:
                 f"{spec.name} has {spec.psum_banks}")
         bname = self.fresh(name)
         self.buffers.append(isa.Buffer(bname, "psum", top, size))
-        self.live.append(("psum", top, size, bname, len(self.memo) - 1))
+        self.live.append(("psum", top, size, bname, len(self.memo) - 1 if level is None else level))
         base = Lin(top)
         if rot:
             base = base + Lin(0, ((rot[0], n * spec.psum_bank_bytes, rot[1]),))
@@ -764,7 +788,7 @@ class Lowerer:
         by the symbolic read."""
         producer = self.stage_of_tensor.get(ld.tensor)
         if producer is not None and producer.name in self.attached:
-            return (ld.tensor, ld.index, part, deps)
+            return self.attached_key(ld, part, deps, ext)
         src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
         return (ld.tensor, "hbm", src.offset, src.dims)
 
@@ -778,7 +802,10 @@ class Lowerer:
         producer = self.stage_of_tensor.get(ld.tensor)
         level = -1
         if producer is not None and producer.name in self.attached:
-            v = self.virtual(producer, ld, part, deps, env, ext)
+            if self.keep is not None and not job.loops:
+                level = self.keep       # kept for every reader inside the transposed fill
+            v = self.virtual(producer, ld, part, deps, env, ext,
+                             depth=None if level == -1 else level)
         elif self.invariant_broadcast(ld, part, deps, env, ext):
             v, level = self.broadcast(ld, part, deps, env, ext), 1
         else:
@@ -786,31 +813,62 @@ class Lowerer:
         self.memo[level][key] = lambda e, d, v=v: dataclasses.replace(v, deps=d)
         return dataclasses.replace(v, key=key)
 
+    @staticmethod
+    def attached_key(ld: Load, part: str, deps, ext) -> tuple:
+        """The key of a producer's tile computed on chip: the symbolic read with the tile's
+        loops named by position (partition, then free dims, with their extents), so stages
+        reading the same points through differently named loops (softmax's max, sum and
+        normalisation each read S[i, j]) share one evaluation."""
+        pos = {part: Affine.var("__p")}
+        pos.update({d: Affine.var(f"__d{n}") for n, d in enumerate(deps)})
+        index = tuple(ix.substitute(pos) for ix in ld.index)
+        used = any(ix.coef(part) for ix in ld.index)
+        return (ld.tensor, index, ext[part] if used else None, tuple(ext[d] for d in deps))
+
     def invariant_broadcast(self, ld: Load, part, deps, env, ext) -> bool:
         """A read the same on every partition and at every loop iteration (a per-feature
         vector such as gamma[j] of a row tile): loaded once for the whole root job."""
         if len(self.memo) < 2 or ext[part] < 2 or not deps or self.trips[-1] < 2:
             return False
         fl = self.flat(ld.tensor, ld.index)
-        if fl.coef(part) or any(v in env.lin and env.lin[v].terms for v, _ in fl.terms):
+        if fl.coef(part) or any(c and v not in deps for v, c in fl.terms):
             return False
         n = ITEMSIZE[self.tensors[ld.tensor].dtype]
         for d in deps:
             n *= ext[d]
-        return self.used("sbuf") + n <= self.spec.sbuf_partition_bytes // 2
+        if self.used("sbuf") + n > self.spec.sbuf_partition_bytes // 2:
+            return False
+        cursor, self.hoisting = dict(self.cursor), True
+        ok = self.place("sbuf", n, self.spec.dep_granule_bytes) is not None
+        self.cursor, self.hoisting = cursor, False
+        return ok
 
     def broadcast(self, ld: Load, part, deps, env, ext) -> Val:
         """Emitted before the root job's loops: one row [1, F] from HBM, copied to all P
         partitions on chip (tensor engine: ones[1, P]^T @ row[1, <=N] into PSUM, then a
-        copy out) -- a broadcast DMA would read the row from HBM P times."""
+        copy out) -- a broadcast DMA would read the row from HBM P times. The copy stays in
+        PSUM when the program has no matmul and it fits in half of PSUM: a tensor_tensor
+        with one operand in PSUM runs at one element per cycle instead of two."""
         t = self.tensors[ld.tensor]
         P = ext[part]
         body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
         root = Env({}, dict(ext))
         try:
-            v = self.tile(P, deps, ext, t.dtype, f"{ld.tensor}_bc", root, depth=1)
             src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
             row_ok = len(deps) == 1 and t.dtype in self.spec.pe_rate
+            v = None
+            self.hoisting = True
+            if row_ok and not any(ss.tensorized for ss in self.sched.state.stages):
+                F, bank = ext[deps[0]], self.spec.psum_bank_bytes
+                n = -(-F * ITEMSIZE[t.dtype] // bank)
+                if (F <= self.spec.max_free_elems_psum
+                        and self.used("psum") + n * bank <= self.spec.psum_partition_bytes // 2
+                        and self.place("psum", (n + 1) * bank, bank) is not None):
+                    base, bname = self.alloc_banks(n, f"{ld.tensor}_bc", root, level=1)
+                    v = Val("psum", base, tuple(deps), (1,), t.dtype, bname)
+            if v is None:
+                v = self.tile(P, deps, ext, t.dtype, f"{ld.tensor}_bc", root, depth=1)
+            self.hoisting = False
             if not row_ok:
                 self.dma(self.ap(v, P, list(deps), ext), src)
                 return v
@@ -832,12 +890,12 @@ class Lowerer:
                         mov = isa.AP("sbuf", row.name, t.dtype,
                                      row.base.addr() + c * ITEMSIZE[t.dtype], ((1, 1), (1, k)))
                         self.emit(isa.Instr.make("matmul", "pe", ps_ap, (ones_ap, mov)))
-                        dst = isa.AP("sbuf", v.name, t.dtype, v.base.addr() + c * ITEMSIZE[t.dtype],
+                        dst = isa.AP(v.mem, v.name, t.dtype, v.base.addr() + c * ITEMSIZE[t.dtype],
                                      ((1, P), (1, k)))
                         self.emit_balanced(isa.Instr.make("tensor_copy", "act", dst, (ps_ap,)))
             return v
         finally:
-            self.body, self.trips = body, trips
+            self.body, self.trips, self.hoisting = body, trips, False
 
     def load(self, ld: Load, part: str, deps, env: Env, ext, P: int, into: Val | None = None) -> Val:
         t = self.tensors[ld.tensor]
@@ -856,8 +914,40 @@ class Lowerer:
                                                                          (src.dims[0][0], P))))
                 self.transpose_into(nat, v, part, f, ext, env)
             return v
+        if self.row_blocks(fl, part, deps, ext):
+            self.load_row_blocks(ld.tensor, part, deps[0], v, src, ext, env)
+            return v
         self.dma(dst, src)
         return v
+
+    def row_blocks(self, fl: Affine, part: str, deps, ext) -> bool:
+        """A transposing load (see transposing) with more rows than partitions."""
+        return (len(deps) == 1 and abs(fl.coef(part)) == 1 and abs(fl.coef(deps[0])) > 1
+                and 1 < ext[part] <= self.spec.partitions and ext[deps[0]] > self.spec.partitions)
+
+    def load_row_blocks(self, tensor: str, part: str, f: str, v: Val, src: isa.AP, ext, env: Env):
+        """v[part, f] from HBM rows [f, part] (contiguous along part), spec.partitions rows
+        at a time: each block is one DMA of whole rows and one tensor-engine transpose,
+        copied out by the scalar and vector engines in turn."""
+        P, F, B = ext[part], ext[f], self.spec.partitions
+        (pstride, _), (fstride, _) = src.dims
+        vs = v.strides[v.deps.index(f)]
+        for k, b0 in enumerate(range(0, F, B)):
+            n = min(B, F - b0)
+            with self.level():
+                nat = self.tile(n, ("__r",), {"__r": P}, v.dtype, f"{tensor}_rows", env)
+                self.dma(self.ap(nat, n, ["__r"], {"__r": P}),
+                         isa.AP("hbm", tensor, v.dtype, src.offset + b0 * fstride,
+                                ((fstride, n), (pstride, P))))
+                ps = self.tile(P, ("__c",), {"__c": n}, "float32", f"{tensor}_rows_T", env,
+                               mem="psum")
+                ps_ap = self.ap(ps, P, ["__c"], {"__c": n})
+                self.emit(isa.Instr.make("transpose", "pe", ps_ap,
+                                         (self.ap(nat, n, ["__r"], {"__r": P}),)))
+                dst = isa.AP(v.mem, v.name, v.dtype,
+                             (v.base + b0 * vs * ITEMSIZE[v.dtype]).addr(), ((1, P), (vs, n)),
+                             v.part)
+                self.emit(isa.Instr.make("tensor_copy", ("act", "dve")[k % 2], dst, (ps_ap,)))
 
     def transposing(self, fl: Affine, part: str, deps, ext) -> bool:
         """Would a load with this flat index walk contiguous memory along the partitions?
@@ -878,7 +968,8 @@ class Lowerer:
                                      (self.ap(ps, P, [f], ext),)))
 
     def virtual(self, producer: Stage, ld: Load, part: str, deps, env: Env, ext,
-                into: tuple | None = None, home: int | None = None) -> Val:
+                into: tuple | None = None, home: int | None = None,
+                depth: int | None = None) -> Val:
         """Evaluate `producer` at the points `ld` reads, in the [part, deps] layout. `home`: a
         memo level of the consumer where the producer's computed tiles are kept (when the
         producer runs as one tile, no loops), so the consumer can reuse them."""
@@ -893,7 +984,7 @@ class Lowerer:
         job = make_job(self, producer, ss, ren, spatial_map=m, part=part, free=list(deps))
         if into is None:
             v = self.tile(P, deps, ext, self.tensors[producer.tensor].dtype,
-                          f"{producer.tensor}_sb", env)
+                          f"{producer.tensor}_sb", env, depth=depth)
         else:
             v = into
         job.dest = SlotDest(v.base, v.dtype, v.strides, v.mem, v.name)
@@ -1091,6 +1182,10 @@ class Lowerer:
                 home = None
         name = {"activation": attrs.get("func"), "tensor_scalar": attrs.get("op0"),
                 "tensor_tensor": attrs.get("op"), "tensor_copy": "cast"}.get(op, op)
+        if reduce is not None and home is None:
+            # only the reduction is used: one slot, not multi-buffered (rewritten by the same
+            # in-order engine each iteration, read by nobody)
+            env = Env(dict(env.lin), dict(env.ext), env.loops, {})
         out = self.tile(P, deps, ext, dtype, name, env, depth=home)
         out.key = key
         dst = self.ap(out, P, list(deps), ext)
@@ -1142,28 +1237,63 @@ class Lowerer:
         return ok
 
     def emit_balanced(self, ins: isa.Instr):
-        """Emit `ins` on the engine (of those that can run it) with the lowest estimated load
-        after it (issue intervals x loop trips, from the timing model's cost rules); a wide
-        elementwise instruction is split along its outermost free dimension over several
-        engines when that lowers the busiest one's load by SPLIT_MIN_GAIN."""
+        """Emit `ins` on the engine (of those that can run it) that keeps the busiest engine
+        least loaded (loads: issue intervals x loop trips, from the timing model's cost
+        rules); a wide elementwise instruction is split along its outermost free dimension
+        over several engines when one engine would otherwise be busier than SPLIT_BUSY of
+        the kernel's HBM time and the split lowers the peak by SPLIT_MIN_GAIN. The first
+        lowering pass sees the load so far; the second (see lower()) the projected load of
+        the whole program from the first, minus this instruction's own share."""
         engines = self.engines_for(ins)
         trips = self.trips[-1]
+        if ins.dst.free_size == 1:
+            # a [P,1] statistic step follows its operand's engine: streams are in order, so
+            # on another engine it would wait behind that engine's wide work of the tile
+            near = [e for e in engines if any(self.writer.get(a.name) == e for a in ins.srcs)]
+            engines = near or engines
+        # an engine that computed an earlier step of this iteration which reached this
+        # instruction through another engine would wait here for that engine, and its next
+        # iteration's early steps would queue behind it (in-order streams): avoid it
+        bid = id(self.body[1]) if len(self.body) > 1 else None
+        seen = [(self.writer.get(a.name), self.anc[a.name][1]) for a in ins.srcs
+                if bid is not None and self.anc.get(a.name, (None,))[0] == bid]
+        free = [e for e in engines if not any(e in anc and w != e for w, anc in seen)]
+        engines = free or engines
 
         def cost(i, e):
             return instr_cost(dataclasses.replace(i, engine=e), self.spec).ii_ps * trips
-        best = min(engines, key=lambda e: (self.busy[e] + cost(ins, e), COMPUTE_ENGINES.index(e)))
-        plan = [(best, ins)]
-        peak = self.busy[best] + cost(ins, best)
-        # splitting puts work of one tile on engines that also run other steps of the loop
-        # body (in-order streams): only worth it when this engine would become the bottleneck
-        split = self.split_plan(ins, engines, cost) if peak > SPLIT_BUSY * self.hbm_ps else None
-        if split is not None and split[0] < peak * (1 - SPLIT_MIN_GAIN):
-            plan = split[1]
-        for e, i in plan:
-            self.emit(dataclasses.replace(i, engine=e))
+        k = self.ncall
+        self.ncall += 1
+        if self.prior is None:
+            base = dict(self.busy)
+        else:
+            was = self.prior[k] if k < len(self.prior) else {}
+            base = {e: self.proj[e] - was.get(e, 0) for e in COMPUTE_ENGINES}
 
-    def split_plan(self, ins: isa.Instr, engines, cost):
-        """(peak load, [(engine, piece)]) of the best split of `ins` over 2+ engines, or None."""
+        def peak_of(plan):
+            load = dict(base)
+            for e, i in plan:
+                load[e] += cost(i, e)
+            return max(load.values()), sum(load[e] for e, _ in plan)
+        plan = min(([(e, ins)] for e in engines),
+                   key=lambda p: (*peak_of(p), COMPUTE_ENGINES.index(p[0][0])))
+        own = base[plan[0][0]] + cost(ins, plan[0][0])
+        if own > SPLIT_BUSY * self.hbm_ps:
+            split = self.split_plan(ins, engines, cost, base)
+            if split is not None and peak_of(split)[0] < peak_of(plan)[0] * (1 - SPLIT_MIN_GAIN):
+                plan = split
+        mine = {}
+        for e, i in plan:
+            mine[e] = mine.get(e, 0) + cost(i, e)
+            self.emit(dataclasses.replace(i, engine=e))
+        self.decisions.append(mine)
+        if self.prior is not None:
+            for e in COMPUTE_ENGINES:
+                self.proj[e] = base[e] + mine.get(e, 0)
+
+    def split_plan(self, ins: isa.Instr, engines, cost, base):
+        """[(engine, piece)]: `ins` split over 2+ engines so they finish together (from the
+        loads `base`), pieces on dependency-granule boundaries; None when it cannot split."""
         if (len(engines) < 2 or ins.op not in ("tensor_tensor", "tensor_scalar", "tensor_copy")
                 or ins.attr("acc") is not None or ins.dst.free_size < SPLIT_MIN_ELEMS):
             return None
@@ -1175,26 +1305,24 @@ class Lowerer:
         if d is None:
             return None
         units = shape[d]
-        # piece boundaries on dependency granules of every operand (no false WAW between pieces)
-        step = 1
+        step = 1       # units per piece boundary: no false WAW between pieces
         for a in (ins.dst, *ins.srcs):
             if a.shape == shape and a.dims[d][0]:
-                b = abs(a.dims[d][0]) * a.itemsize
-                step = max(step, -(-self.spec.dep_granule_bytes // b))
-        if units < 2 * step:
+                step = max(step, -(-self.spec.dep_granule_bytes // (abs(a.dims[d][0]) * a.itemsize)))
+        n = units // step
+        if n < 2:
             return None
         full = {e: cost(ins, e) for e in engines}
         best = None
         for r in range(2, len(engines) + 1):
             for subset in _subsets(engines, r):
-                w = {e: full[e] / units * step for e in subset}      # per `step` units
-                n = units // step
-                t = (n + sum(self.busy[e] / w[e] for e in subset)) / sum(1 / w[e] for e in subset)
-                share = {e: int((t - self.busy[e]) / w[e]) for e in subset}
+                w = {e: full[e] / units * step for e in subset}      # load per `step` units
+                t = (n + sum(base[e] / w[e] for e in subset)) / sum(1 / w[e] for e in subset)
+                share = {e: int((t - base[e]) / w[e]) for e in subset}
                 if any(k < 1 for k in share.values()):
                     continue
                 for _ in range(n - sum(share.values())):
-                    e = min(subset, key=lambda e: self.busy[e] + (share[e] + 1) * w[e])
+                    e = min(subset, key=lambda e: base[e] + (share[e] + 1) * w[e])
                     share[e] += 1
                 share = {e: k * step for e, k in share.items()}
                 share[subset[-1]] += units - n * step
@@ -1207,10 +1335,10 @@ class Lowerer:
                                    for a in ins.srcs))
                     plan.append((e, piece))
                     start += k
-                peak = max(self.busy[e] + cost(i, e) for e, i in plan)
+                peak = max(base[e] + cost(i, e) for e, i in plan)
                 if best is None or peak < best[0]:
                     best = (peak, plan)
-        return best
+        return None if best is None else best[1]
 
     # -- the tile --------------------------------------------------------------------------------
     def reset_on(self, job: Job, env: Env):
@@ -1494,8 +1622,28 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
     sched = complete(sched, spec)
     prog = inline_stages(sched.prog, sched)
     prog, pads = pad_tensors(prog)
-    lw = Lowerer(prog, sched, spec)
     _check_attachments(prog, sched)
+    # two passes: the second picks engines against the first pass's projected loads
+    lw = _lower_jobs(prog, sched, spec, pads, None)
+    if lw.decisions:
+        lw = _lower_jobs(prog, sched, spec, pads, (lw.decisions, lw.busy))
+    tensors = []
+    for t in prog.inputs:
+        tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "input"))
+    for t in prog.outputs:
+        tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "output"))
+    attached = {sched.prog.stage(ss.stage).tensor for ss in sched.state.stages if ss.attach}
+    for t in prog.temps:
+        if t.name not in attached:
+            tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "scratch"))
+    body = assign_queues(tuple(lw.body[0]), spec)
+    out = isa.Program(prog.name, tuple(tensors), body, tuple(lw.buffers))
+    return out, prog
+
+
+def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
+    """Lower every root stage (its attached producers inside) into a fresh Lowerer."""
+    lw = Lowerer(prog, sched, spec, prior)
     pad_by_src = {}
     for t, v, name, shape, lo in pads:
         pad_by_src.setdefault(t, []).append((v, name, shape, lo))
@@ -1513,20 +1661,10 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
                     filled.add(name)
         job = make_job(lw, st, ss, None)
         add_hooks(lw, job, st, sched)
+        lw.job_buf0 = len(lw.buffers)
         with lw.level():
             lw.run_job(job, Env({}, {}))
-    tensors = []
-    for t in prog.inputs:
-        tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "input"))
-    for t in prog.outputs:
-        tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "output"))
-    attached = {sched.prog.stage(ss.stage).tensor for ss in sched.state.stages if ss.attach}
-    for t in prog.temps:
-        if t.name not in attached:
-            tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "scratch"))
-    body = assign_queues(tuple(lw.body[0]), spec)
-    out = isa.Program(prog.name, tuple(tensors), body, tuple(lw.buffers))
-    return out, prog
+    return lw
 
 
 def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
@@ -1694,6 +1832,9 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
             return Val("sbuf", b, tuple(d), strides, dtype, bname)
         memo = lw.memo[-1]
         home = len(lw.memo) - 1 if not slots else None
+        if producer is not None and _transposed_fill(lw, job, ld, producer, part, deps, slots,
+                                                     nom, slot_val, memo, env):
+            continue
         if producer is None and _staged_fill(lw, job, ld, part, deps, slots, nom, slot_val, memo,
                                              env):
             continue
@@ -1812,6 +1953,83 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 lw.transpose_into(nat, into, part, f, ext2, env_t, engine)
             each(e)
     stage(env)
+    return True
+
+
+def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str, deps, slots,
+                     nom, slot_val, memo, env: Env) -> bool:
+    """A producer computed at a tensorized consumer that reads it as a matmul operand [K, M]
+    along its rows: the contraction loop K is on the partitions but runs along the
+    producer's last (row) dimension -- softmax probabilities P[i, j], read as P^T[j, i] by
+    O = P V, whose row statistics belong to each query row i. The producer is evaluated in
+    its own layout, [M on the partitions, the whole row (K and the slot loops stepping along
+    it) free], once per iteration of the other slot loops, with everything it computes on
+    the way kept for all its readers (S = Q K^T is evaluated once for the max, the sum and
+    P); each slot is then transposed out on the tensor engine. Returns False (nothing
+    emitted) when the read does not have that shape."""
+    if not job.contract or part != job.contract or len(deps) != 1:
+        return False
+    if lw.sched.state.get(producer.name).tensorized:
+        return False
+    f = deps[0]
+    for u in (part, f, *slots):
+        sp = job.split_of.get(u)
+        if (sp is not None and sp.tail) or u in job.unroll:
+            return False
+    dj = len(ld.index) - 1
+    ix = ld.index[dj]
+    if (ix.coef(part) != 1 or ix.coef(f) or any(i2.coef(part) for i2 in ld.index[:dj])
+            or max(nom[part], nom[f]) > lw.spec.partitions):
+        return False
+    row, span = [], 1           # K and the slot loops along the row, contiguous from stride 1
+    for u in sorted([part] + [u for u in slots if ix.coef(u)], key=ix.coef):
+        if ix.coef(u) != span or any(i2.coef(u) for i2 in ld.index[:dj]):
+            return False
+        row.append(u)
+        span *= nom[u]
+    row_slots = [u for u in slots if u in row]
+    outer = [u for u in slots if u not in row]
+    g = lw.fresh(f"{ld.tensor}_row")
+    rest = Affine(tuple((v, c) for v, c in ix.terms if v not in row), ix.const)
+    rd = dataclasses.replace(ld, index=ld.index[:dj] + (rest + Affine.var(g),))
+    n_rows = 1
+    for u in row_slots:
+        n_rows *= nom[u]
+
+    def fill(e, i=0):
+        if i < len(outer):
+            lw.bind_loop(job, outer[i], e, lambda e2: fill(e2, i + 1))
+            return
+        ext = dict(e.ext)
+        ext.update({f: nom[f], part: nom[part], g: span})
+        with lw.level():
+            keep, lw.keep = lw.keep, len(lw.memo) - 1
+            try:
+                T = lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep)
+            finally:
+                lw.keep = keep
+            memo[lw.operand_key(ld, part, deps, e, ext)] = slot_val
+            unroll = n_rows <= 16   # few slots: their PSUM copies alternate act / dve
+            k = [0]
+
+            def each(e2, j=0):
+                if j < len(row_slots):
+                    u = row_slots[j]
+                    if unroll:
+                        for c in range(nom[u]):
+                            each(e2.bind(u, Lin(c), **{u: 1}), j + 1)
+                    else:
+                        lw.bind_loop(job, u, e2, lambda e3: each(e3, j + 1))
+                    return
+                b = T.base
+                for u in row_slots:
+                    b = b + e2.lin[u].scale(ix.coef(u) * ITEMSIZE[T.dtype])
+                nat = Val("sbuf", b, (part,), (1,), T.dtype, T.name)
+                lw.transpose_into(nat, slot_val(e2), part, f, ext, e2,
+                                  ("act", "dve")[k[0] % 2] if unroll else "act")
+                k[0] += 1
+            each(e)
+    fill(env)
     return True
 
 

@@ -17,7 +17,7 @@ loop io 2:
   dma.q6 sbuf:X_cache.bfloat16[p96@1024*(io%2)][1,16][1,512] <- hbm:X.bfloat16[@49152+65536*io][512,16][1,512]
   dma.q7 sbuf:X_cache.bfloat16[p112@1024*(io%2)][1,16][1,512] <- hbm:X.bfloat16[@57344+65536*io][512,16][1,512]
   tensor_reduce.pool sbuf:mx_cache.float32[p0@2048+512*(io%2)][1,128][1,1] <- sbuf:X_cache.bfloat16[p0@1024*(io%2)][1,128][1,512] op=max
-  tensor_scalar.act sbuf:mul.float32[p0@4096+512*(io%2)][1,128][1,1] <- sbuf:mx_cache.float32[p0@2048+512*(io%2)][1,128][1,1] op0=mul scalar0=-1.0
+  tensor_scalar.pool sbuf:mul.float32[p0@4096+512*(io%2)][1,128][1,1] <- sbuf:mx_cache.float32[p0@2048+512*(io%2)][1,128][1,1] op0=mul scalar0=-1.0
   activation.act sbuf:exp.float32[p0@5120+2048*(io%2)][1,128][1,512], sbuf:total_cache.float32[p0@3072+512*(io%2)][1,128][1,1] <- sbuf:X_cache.bfloat16[p0@1024*(io%2)][1,128][1,512], sbuf:mul.float32[p0@4096+512*(io%2)][1,128][1,1] bias=ap func=exp reduce_op=add scale=1.0
   tensor_scalar.dve sbuf:div.bfloat16[p0@9216+1024*(io%2)][1,128][1,512] <- sbuf:exp.float32[p0@5120+2048*(io%2)][1,128][1,512], sbuf:total_cache.float32[p0@3072+512*(io%2)][1,128][1,1] op0=div reverse0=False scalar0=ap
   dma.q8 hbm:Y.bfloat16[@65536*io][512,16][1,512] <- sbuf:div.bfloat16[p0@9216+1024*(io%2)][1,16][1,512]
