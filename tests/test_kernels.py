@@ -367,3 +367,18 @@ def test_compute_at_of_a_stage_reading_a_padded_tensor():
     s.tensorize(c, "matmul")
     s.compute_at("Xp", kh)
     assert_close(s.build().run(X, Wt), conv_ref(X, Wt, 1, 1, 1), "float32")
+
+
+@pytest.mark.parametrize("shape,causal", [((2, 256, 512, 64), True), ((1, 200, 200, 32), True),
+                                          ((2, 128, 384, 128), False)])
+def test_attention_flash_template_keeps_everything_on_chip(shape, causal):
+    """Scores, logits, row statistics and P are computed inside O's query-tile loop in the
+    query rows' layout (P transposed per key block for O = P V): only Q, K, V and O touch HBM."""
+    H, Sq, Sk, D = shape
+    Q, K, V = R((H, Sq, D)), R((H, Sk, D), seed=1), R((H, Sk, D), seed=2)
+    k = kernels.attention.compile(Q, K, V, causal=causal, use_records=False)
+    assert k.choice.source == "template flash"
+    assert_close(k.run(Q, K, V), attention_ref(Q, K, V, causal), "bfloat16", what=f"attention {shape}")
+    assert not [ln for ln in k.asm().splitlines() if ln.startswith("tensor") and "scratch" in ln]
+    rep = k.simulate()
+    assert rep.bytes_moved["hbm_write"] == Q.nbytes        # O only
