@@ -312,6 +312,7 @@ class _ProgInfo:
         # axes each matmul operand's index uses (nonzero coefficient)
         self.mm_axes = {n: tuple(_load_axes(ld) for ld in ops) if ops else None
                         for n, ops in self.mm.items()}
+        self.initial = initial_state(prog)   # immutable: every schedule starts from this one
 
 
 def _load_axes(ld: Load) -> frozenset[str]:
@@ -366,7 +367,7 @@ class Schedule:
     def __init__(self, prog: Program, machine="trn2"):
         self.prog = prog
         self.machine = machine
-        self.state = initial_state(prog)
+        self.state = _prog_info(prog).initial
         self._trace: list[dict] = []
 
     # -- inspection -------------------------------------------------------------------------
@@ -459,7 +460,7 @@ class Schedule:
         return name
 
     def _fresh(self, ss: StageSched, base: str) -> str:
-        taken = {v.name for v in ss.vars}
+        taken = _info(ss).var
         name, n = base, 1
         while name in taken:
             name, n = f"{base}{n}", n + 1
