@@ -290,13 +290,15 @@ def _consumers_of(prog: Program, stage) -> list:
 def generated(prog: Program, machine="trn2"):
     """A template derived from the program's stages.
 
-    Contractions (a stage matching `matmul_operands`, e.g. matmul, bmm): three-level loop
-    nest (outer tiles, the tensorized tile) with tile sizes for M (partitions), N (matmul
-    moving free size) and K (systolic rows), a second level of blocking for M and N, the
-    order of the outer loops, which tile loop A/B are cached in SBUF at, and the pipeline
-    depth of the contraction loop. Reductions and elementwise stages: the partition tile,
-    the free-size tile and a pipeline depth; temporaries read by exactly one later stage
-    may be computed at that consumer's outer loop (or inlined, when elementwise).
+    Contractions (a stage matching `matmul_operands`, e.g. matmul, bmm): see `_contraction`:
+    tile sizes for M (partitions), N (matmul moving free size) and K (systolic rows), a
+    second level of blocking for M and N, the order of the block and of the tile loops,
+    whether the contraction loop sits inside the tile loops or outside them (PSUM-resident
+    accumulators), where A and B are cached in SBUF (root, any outer loop, or not at all),
+    the pipeline depth of the contraction loop, PSUM double buffering and cache prefetch.
+    Reductions and elementwise stages: the partition tile, the free-size tile and a pipeline
+    depth; temporaries read by exactly one later stage may be computed at that consumer's
+    outer loop (or inlined, when elementwise).
     """
     spec = _spec(machine)
     stages = list(prog.stages)
@@ -316,6 +318,18 @@ def generated(prog: Program, machine="trn2"):
 
 
 def _contraction(s: Schedule, cfg: Config, st, spec):
+    """Multi-level tiling of a contraction onto the systolic array.
+
+    Loops, outer to inner: [root] blocks (iob, job in either order), then either the
+    contraction steps ko outside the tile loops (k_at=block: bm x bn accumulators stay in PSUM
+    over all of ko, every loaded tile is reused by the other block dimension) or inside them
+    (k_at=inner: one accumulator at a time), then the tensorized tile (ii, ji, ki). A and B
+    are each cached in SBUF at one of those loops or at the root (the whole operand loaded
+    once), or not at all; ko is multi-buffered (depth) so loads overlap the multiplies, and
+    the loop just outside ko may double-buffer the PSUM accumulators (psum_bufs) so copying
+    results out overlaps the next accumulation. Domains are cut to what fits: accumulators
+    x psum_bufs <= PSUM banks.
+    """
     n = st.name
     axes = s.axes(n)
     batch, (i, j) = axes[:-2], axes[-2:]
@@ -328,8 +342,12 @@ def _contraction(s: Schedule, cfg: Config, st, spec):
                    pow2=N & (N - 1) == 0)
     tk = cfg.split(f"{n}.tk", K, min=min(K, spec.pe_rows // 4), max=spec.pe_rows,
                    pow2=K & (K - 1) == 0)
-    bm = cfg.split(f"{n}.bm", M // tm, max=16, pow2=True)  # tiles per block (second level)
-    bn = cfg.split(f"{n}.bn", N // tn, max=16, pow2=True)
+    kpos = cfg.choice(f"{n}.k_at", ["inner", "block"])
+    banks = spec.psum_banks
+    # tiles per block (second level); with k_at=block all bm x bn accumulate in PSUM at once
+    bm = cfg.split(f"{n}.bm", M // tm, max=16 if kpos == "inner" else banks, pow2=True)
+    bn = cfg.split(f"{n}.bn", N // tn, max=16 if kpos == "inner" else banks // bm, pow2=True)
+    acc = bm * bn if kpos == "block" else 1
     io, ii = s.split(i, tm)
     jo, ji = s.split(j, tn)
     ko, ki = s.split(k, tk)
@@ -337,21 +355,35 @@ def _contraction(s: Schedule, cfg: Config, st, spec):
     job, joi = s.split(jo, bn)
     blocks = cfg.order(f"{n}.block_order", [iob, job])
     tiles = cfg.order(f"{n}.tile_order", [ioi, joi])
-    kpos = cfg.choice(f"{n}.k_at", ["inner", "block"])  # ko inside the tile loops or outside
     outer = blocks + ([ko] + tiles if kpos == "block" else tiles + [ko])
-    s.reorder(*batch, *outer, ii, ji, ki)
+    where = ["none", "root"] + list(range(len(outer) - 1))   # never at the innermost (ko / tile)
+    cache = [cfg.choice(f"{n}.cache_{t}", where) for t in ("a", "b")]
+    root = []
+    if "root" in cache:  # an extent-1 loop around everything: the cache covers all of it
+        r, first = s.split(outer[0], s.state.get(n).var(str(outer[0])).extent)
+        root, outer = [r], [first] + outer[1:]
+    s.reorder(*batch, *root, *outer, ii, ji, ki)
     s.partition(ii)
     s.vectorize(ji)
     s.tensorize(ki, "matmul")
-    names = [str(x) for x in outer]
-    loop = {str(x): x for x in outer}
-    for t, ld in zip(("a", "b"), matmul_operands(s.prog.stage(n))):
-        at = cfg.choice(f"{n}.cache_{t}", ["none", 0, 1, 2, 3])
+    for at, ld in zip(cache, matmul_operands(s.prog.stage(n))):
         if at != "none":
-            s.cache_read(ld.tensor, "sbuf", loop[names[at]], consumer=n)
-    depth = cfg.choice(f"{n}.depth", [1, 2, 3, 4])
+            s.cache_read(ld.tensor, "sbuf", root[0] if at == "root" else outer[at], consumer=n)
+    depth = cfg.choice(f"{n}.depth", [1, 2, 3, 4, 6, 8])
     if depth > 1:
-        s.pipeline(loop[names[-1]], depth)
+        s.pipeline(ko, depth)
+    kidx = outer.index(ko)
+    bufs = cfg.choice(f"{n}.psum_bufs", [1, 2] if kidx > 0 and 2 * acc <= banks else [1])
+    if bufs > 1:
+        s.pipeline(outer[kidx - 1], bufs)
+    # prefetch: double-buffer the loop a cache is filled at, so the next block's fill can
+    # overlap this block's work (one decision per loop; ko and the PSUM loop have theirs)
+    busy = {kidx} | ({kidx - 1} if bufs > 1 else set())
+    for t, at in zip(("a", "b"), cache):
+        if at not in ("none", "root") and at not in busy:
+            busy.add(at)
+            if cfg.choice(f"{n}.prefetch_{t}", [1, 2]) > 1:
+                s.pipeline(outer[at], 2)
 
 
 def _generic(s: Schedule, cfg: Config, st, spec, prog, attached: set):
