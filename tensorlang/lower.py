@@ -621,11 +621,11 @@ class Lowerer:
             return env
         inner = [u for u in job.loops[job.acc_level:] if job.kind[u] == "spatial"]
         d = job.dest
-        if (isinstance(d, SlotDest) and not inner and job.init is None and job.acc_mem == "sbuf"
-                and d.dtype == "float32" and d.mem == "sbuf"):
+        if (isinstance(d, SlotDest) and not inner and job.init is None and job.acc_mem == d.mem
+                and d.dtype == "float32"):
             job.direct = True  # accumulate straight into the consumer's buffer
             env = Env(dict(env.lin), dict(env.ext), env.loops, dict(env.pipe))
-            env.lin["__acc__"] = ("sbuf", d.name, d.base, "float32", {}, d.strides)
+            env.lin["__acc__"] = (d.mem, d.name, d.base, "float32", {}, d.strides)
             return env
         nom = {u: self.nominal(job, u, env) for u in inner + job.free}
         per_slot = 1
@@ -985,16 +985,20 @@ class Lowerer:
             if v.kind == "reduce":
                 ren[v.name] = self.fresh(f"{producer.name}_{v.name}")
         job = make_job(self, producer, ss, ren, spatial_map=m, part=part, free=list(deps))
+        env2 = Env({k: x for k, x in env.lin.items() if k != "__acc__"}, dict(env.ext),
+                   env.loops, dict(env.pipe))
+        for a in (part, *deps):
+            env2.ext[a] = ext[a]
+        if into is None and depth is not None and self.keep is not None and not job.loops:
+            v = self.kept_tile(job, env2, ext, depth)
+            if v is not None:
+                return v
         if into is None:
             v = self.tile(P, deps, ext, self.tensors[producer.tensor].dtype,
                           f"{producer.tensor}_sb", env, depth=depth)
         else:
             v = into
         job.dest = SlotDest(v.base, v.dtype, v.strides, v.mem, v.name)
-        env2 = Env({k: x for k, x in env.lin.items() if k != "__acc__"}, dict(env.ext),
-                   env.loops, dict(env.pipe))
-        for a in (part, *deps):
-            env2.ext[a] = ext[a]
         outer = self.home, self.home_funcs
         self.home = home if not job.loops else None
         if home is not None:
@@ -1004,6 +1008,41 @@ class Lowerer:
         self.run_job(job, env2)
         self.home, self.home_funcs = outer
         return v
+
+    def kept_tile(self, job: Job, env: Env, ext, depth: int) -> Val | None:
+        """A loop-free producer evaluated for the readers of a transposed fill (kept at memo
+        level `depth`) without a copy into a tile of its own: a tensorized one accumulates
+        in a PSUM tile its readers read directly; an elementwise one is the tile its
+        expression's last instruction wrote, when that was allocated at `depth` or outside
+        (None: evaluate the usual way)."""
+        P = ext[job.part]
+        if job.contract:
+            n = 4
+            for f in job.free:
+                n *= ext[f]
+            if n > self.spec.psum_bank_bytes:
+                return None
+            v = self.tile(P, job.free, ext, "float32", f"{job.stage}_ps", env, mem="psum",
+                          depth=depth)
+            job.dest = SlotDest(v.base, "float32", v.strides, "psum", v.name)
+            self.run_job(job, env)
+            return v
+        if job.reduce is not None:
+            return None
+        home, self.home = self.home, depth
+        try:
+            v = self.eval(job, job.value, env, ext, job.free,
+                          odt=self.tensors[job.dest.tensor].dtype)
+        finally:
+            self.home = home
+        at = next((x[4] for x in self.live if x[3] == getattr(v, "name", None)), None)
+        if (isinstance(v, Val) and v.mem == "sbuf" and v.deps == tuple(job.free) and at is not None
+                and at <= depth and v.dtype == self.tensors[job.dest.tensor].dtype):
+            return v
+        out = self.tile(P, job.free, ext, self.tensors[job.dest.tensor].dtype,
+                        f"{job.stage}_sb", env, depth=depth)
+        self.copy_into(v, self.ap(out, P, job.free, ext), job.free, ext, P, env)
+        return out
 
     # -- expression evaluation: instruction selection ---------------------------------------
     #
@@ -1025,14 +1064,22 @@ class Lowerer:
             return self.operand(job, e, part, dims, env, ext)
         if isinstance(e, IndexValue):
             deps = tuple(f for f in dims if e.index.coef(f))
-            out = self.tile(P, deps, ext, "float32", "iota", env)
             base = self.split_affine(Affine(tuple((v, c) for v, c in e.index.terms
                                                   if v not in dims and v != part), e.index.const), env)
             if any(t[2] for t in base.terms):
                 raise TensorlangError("index values of multi-buffered loops are not supported")
+            key = ("iota", base, e.index.coef(part), tuple(e.index.coef(f) for f in deps),
+                   tuple(ext[d] for d in deps), P)       # value-numbered like computed tiles
+            for m in reversed(self.memo):
+                if key in m:
+                    return m[key](env, deps)
+            out = self.tile(P, deps, ext, "float32", "iota", env, depth=self.home)
+            out.key = key
             self.emit(isa.Instr.make("iota", "pool", self.ap(out, P, list(deps), ext),
                                      base=base.addr(), pcoef=e.index.coef(part),
                                      fcoefs=tuple(e.index.coef(f) for f in deps)))
+            self.memo[-1 if self.home is None else self.home][key] = \
+                lambda e_, d, v=out: dataclasses.replace(v, deps=d)
             return out
         if isinstance(e, Cast):
             a = self.eval(job, e.a, env, ext, dims, part)
@@ -2008,7 +2055,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
         with lw.level():
             keep, lw.keep = lw.keep, len(lw.memo) - 1
             try:
-                T = lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep)
+                T = lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep, depth=lw.keep)
             finally:
                 lw.keep = keep
             memo[lw.operand_key(ld, part, deps, e, ext)] = slot_val
