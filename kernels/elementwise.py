@@ -100,7 +100,7 @@ swiglu_algo.name = "swiglu"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"pt": 128, "free": 4096, "pipe": 2}
+DEFAULT = {"pt": 128, "free": 4096, "pipe": 3}
 
 
 def template(s, cfg):

@@ -1012,18 +1012,27 @@ class Lowerer:
     def kept_tile(self, job: Job, env: Env, ext, depth: int) -> Val | None:
         """A loop-free producer evaluated for the readers of a transposed fill (kept at memo
         level `depth`) without a copy into a tile of its own: a tensorized one accumulates
-        in a PSUM tile its readers read directly; an elementwise one is the tile its
-        expression's last instruction wrote, when that was allocated at `depth` or outside
-        (None: evaluate the usual way)."""
+        in a PSUM tile its readers read directly (a row of up to max_free_elems_psum over
+        several banks: a query tile's scores against thousands of keys); an elementwise one
+        is the tile its expression's last instruction wrote, when that was allocated at
+        `depth` or outside (None: evaluate the usual way)."""
         P = ext[job.part]
         if job.contract:
-            n = 4
+            n = 1
             for f in job.free:
                 n *= ext[f]
-            if n > self.spec.psum_bank_bytes:
+            bank = self.spec.psum_bank_bytes
+            banks = -(-n * 4 // bank)
+            if n > self.spec.max_free_elems_psum or (banks > 1 and len(job.free) != 1):
                 return None
-            v = self.tile(P, job.free, ext, "float32", f"{job.stage}_ps", env, mem="psum",
-                          depth=depth)
+            if banks == 1:
+                v = self.tile(P, job.free, ext, "float32", f"{job.stage}_ps", env, mem="psum",
+                              depth=depth)
+            else:   # a row over several banks (emit_matmul fills it bank by bank)
+                if self.place("psum", banks * bank, bank) is None:
+                    return None
+                base, name = self.alloc_banks(banks, f"{job.stage}_ps", env, level=depth)
+                v = Val("psum", base, tuple(job.free), (1,), "float32", name)
             job.dest = SlotDest(v.base, "float32", v.strides, "psum", v.name)
             self.run_job(job, env)
             return v
@@ -1504,9 +1513,19 @@ class Lowerer:
             attrs["acc"] = "add"
             if reset is not None:
                 attrs["reset_on"] = reset
-        self.emit(isa.Instr.make("matmul", "pe", self.ap(acc, M, job.free, ext),
-                                 (self.ap(stat, K, [job.part], ext), self.ap(mov, K, job.free, ext)),
-                                 **attrs))
+        dst, mv = self.ap(acc, M, job.free, ext), self.ap(mov, K, job.free, ext)
+        N, n_max = dst.free_size, self.spec.matmul_max_n
+        # a one-dimensional tile wider than a matmul (an accumulator over several PSUM banks,
+        # see kept_tile): one matmul per bank-sized piece
+        pieces = [(0, N)] if N <= n_max or len(job.free) != 1 else \
+            [(c, min(n_max, N - c)) for c in range(0, N, n_max)]
+        for c, n in pieces:
+            if len(pieces) > 1:
+                dst_c, mv_c = _slice_ap(dst, 1, c, n), _slice_ap(mv, 1, c, n)
+            else:
+                dst_c, mv_c = dst, mv
+            self.emit(isa.Instr.make("matmul", "pe", dst_c,
+                                     (self.ap(stat, K, [job.part], ext), mv_c), **attrs))
 
     def mm_dtype(self, job, v: Val, K, dims, env, ext) -> Val:
         want = job.mm_dtype
