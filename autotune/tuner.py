@@ -6,8 +6,11 @@ partitions) raise TensorlangError before simulation and are told to Optuna as PR
 
 Search loop: Optuna ask/tell in batches (the sampler proposes `batch` trials, they are
 evaluated, then told), so the sampler's own overhead stays small against a fast simulator.
-Identical configs -- and different configs that produce the identical schedule trace -- are
-served from a cache instead of simulated again. The study lives in `storage`: in memory
+The budget `trials` counts distinct configs: a proposal of a config already measured is told
+FAILED (user attr `duplicate`) and not counted, and the sampler is asked again; different
+configs that produce the identical schedule trace are served from a cache instead of
+simulated again. Model-based samplers also get best-first neighbour steps (`_Search`); each
+trial records its `source` (sampler, local, random, warm_start). The study lives in `storage`: in memory
 (None), a JSON-lines journal file (a path), or any Optuna storage URL (sqlite:///,
 postgresql://...). A finished trial is in the storage the moment it is told, so killing a
 run loses at most the trials in flight; re-running with the same storage and study name
