@@ -44,7 +44,9 @@ def validate(program: Program, spec: "MachineSpec | str | None" = None) -> None:
     _check_loops(program.body, ())
     ctx = _Ctx(spec, tensors, buffers)
     for i, (ins, extents) in enumerate(_walk(program.body, {})):
-        _InstrCheck(i, ins, extents, spec, tensors, buffers, ctx).run()
+        chk = _InstrCheck(i, ins, extents, spec, tensors, buffers, ctx)
+        if not chk.plain_dma_ok():
+            chk.run()
 
 
 def _walk(nodes, extents):
@@ -231,6 +233,17 @@ class _InstrCheck:
                 self.check_ap(label, ap)
         self.check_acc()
         getattr(self, "op_" + ins.op)()
+
+    def plain_dma_ok(self) -> bool:
+        """True when the instruction is a DMA without attributes that run() would accept (most
+        instructions of a program: each transfer is split over the queues); False: run()."""
+        ins = self.ins
+        if (ins.op != "dma" or ins.attrs or ins.dst2 is not None or len(ins.srcs) != 1
+                or ins.engine not in self.ctx.queues):
+            return False
+        dst, src = ins.dst, ins.srcs[0]
+        return (self.ap_ok(dst) and self.ap_ok(src) and dst.dtype == src.dtype
+                and dst.num_elements == src.num_elements)
 
     def operands(self):
         ins = self.ins
