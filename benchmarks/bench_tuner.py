@@ -8,9 +8,9 @@
    draws from the measured space (computed exactly from the exhaustive table).
    The budget N counts distinct configs measured (a repeated proposal is re-asked, not
    counted); "proposals" counts every ask, repeats included.
-2. Tuning a 2048^3 bf16 matmul on trn2 from the generated space (template=None): roofline
+2. Tuning a 2048^3 (--size) bf16 matmul on trn2 from the generated space (template=None): roofline
    fraction reached (and the library's expert template for reference), the per-candidate
-   cost, and the convergence plot benchmarks/tuner_2048.png.
+   cost, and the convergence plot benchmarks/tuner_<size>.png.
 
     python benchmarks/bench_tuner.py [--seeds 10] [--trials 300] [--only efficiency|generated]
 """
@@ -124,15 +124,15 @@ def _asked(r) -> int:
     return max(t.number for t in r.trials) + 1
 
 
-def big_matmul(trials: int, seed: int = 0):
-    prog = matmul.trace(tl.spec((2048, 2048), "bfloat16"), tl.spec((2048, 2048), "bfloat16"))
+def big_matmul(trials: int, seed: int = 0, n: int = 2048):
+    prog = matmul.trace(tl.spec((n, n), "bfloat16"), tl.spec((n, n), "bfloat16"))
     lib = importlib.import_module("kernels.matmul")   # the library's expert template
     s = prog.schedule()
     lib.template(s, lib.DEFAULT)
     expert = s.build("trn2").simulate()
     t0 = time.perf_counter()
     r = autotune.tune(prog, trials=trials, seed=seed, progress=True, include_default=False,
-                      plot=Path(__file__).with_name("tuner_2048.png"))
+                      plot=Path(__file__).with_name(f"tuner_{n}.png"))
     dt = time.perf_counter() - t0
     pruned = sum(t.state == "pruned" for t in r.trials)
     first = r.history.index(r.best.cycles) + 1
@@ -160,12 +160,13 @@ def main():
     ap.add_argument("--samplers", default="tpe,tpe (no neighbour steps),random",
                     help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--seed", type=int, default=0, help="generated-space tuning seed")
+    ap.add_argument("--size", type=int, default=2048, help="generated-space matmul size n (n^3)")
     args = ap.parse_args()
     if args.only != "generated":
         rows, size, opt = efficiency(args.seeds, args.samplers.split(","))
         print(table(rows))
     if args.only != "efficiency":
-        big = big_matmul(args.trials, args.seed)
+        big = big_matmul(args.trials, args.seed, args.size)
         print(table([{k: v for k, v in big.items() if k != "config"}]))
         print("best config:", big["config"])
 
