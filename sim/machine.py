@@ -63,10 +63,12 @@ class MachineSpec:
     dma_fixed_ns: float = 1300.0          # per-transfer fixed cost
     dma_chunk_overhead_bytes: int = 64    # each contiguous chunk costs this much extra
     # -- timing-model resolution -------------------------------------------------------------
-    dep_granule_bytes: int = 512          # SBUF/PSUM def-use tracked per granule of a partition
-    hbm_granule_bytes: int = 4096         # HBM def-use tracked per granule of a tensor
+    # def-use is tracked per cell = (block of 128 rows (partitions; HBM: rows of a tensor) with
+    # a mask of 4-row sub-blocks) x (granule of a row's bytes):
+    dep_granule_bytes: int = 512          # ... SBUF/PSUM: granule of a partition's bytes
+    hbm_granule_bytes: int = 1024         # ... HBM: granule of a tensor row's bytes
     hbm_bin_ns: float = 1000.0            # timing model: the HBM channel shared by the DMA queues
-                                          # is accounted in time bins of this width (resolution of
+                                          # is reserved in time bins of this width (resolution of
                                           # bandwidth sharing; uncontended transfers are exact)
     # -- headline figures (reported; the roofline uses the ones derived below) --------------
     vector_tflops_fp32: float = 2.3

@@ -43,45 +43,54 @@ so small or strided transfers are inefficient. Transfers touching HBM also need
     H = ceil(B_hbm * 1000 / hbm_gbps) ps
 of the HBM channel that ALL queues of the core share (B_hbm counts the HBM side(s);
 SBUF<->SBUF transfers use no HBM bandwidth). The channel is accounted in time bins of
-`hbm_bin_ns`: each bin holds at most one bin-width of channel time; a transfer that started
-at t consumes channel time bin by bin, at most at its own queue rate (H/Q of the time it is
-active) and at most what the bin has left, until H is consumed. Uncontended transfers end
-at exactly start + Q; contended ones stretch. Later instructions (in program order) may
-back-fill bins left free by earlier ones. The transfer ends at max(start + Q, channel end)
-and its destination is ready `dma_fixed_ns` later. Bins live in a ring of HBM_RING_BINS
-bins; a transfer reaching back further than the ring behind the furthest-ahead bin treats
-the forgotten bins as full (only affects pathological programs).
+`hbm_bin_ns` (rounded to a power of two in ps); each bin holds at most one bin-width of
+channel time. Transfers reserve their channel time first come first served in program order,
+from their start on: in the bin containing the start at most the time left in that bin
+(and what the bin has free), then in the following bins as much as each has free, until H
+is reserved. Channel end = start + H if it all fits the start bin (the uncontended case,
+O(1)); otherwise the start of the last bin used plus that bin's used time after the
+reservation (contended transfers stretch; a saturated channel serves transfers one bin
+after another at exactly hbm_gbps). Later instructions (in program order) may back-fill
+bins left free by earlier ones. The transfer ends at max(start + Q, channel end) and its
+destination is ready `dma_fixed_ns` later. Bins live in a ring of HBM_RING_BINS bins; a
+transfer reaching back further than the ring behind the furthest-ahead bin treats the
+forgotten bins as full (only affects pathological programs).
 
-Dependencies (buffer def-use). Every operand's footprint is a set of granules:
-  * SBUF / PSUM: byte ranges within a partition in granules of `dep_granule_bytes`. The
-    partition range only matters for write-after-write ordering (see WAW below); reads
-    are conservative (a read of the same bytes of other partitions counts as overlapping).
-  * HBM: byte ranges of each tensor in granules of `hbm_granule_bytes`.
-  The footprint of an access pattern is its bounding byte range, or - when its
-  largest-stride dimension separates the rows by at least one granule (stride >= bounding
-  extent of the other dimensions + granule) - the union of the per-row bounding ranges (so
-  a [128 x 512] tile of a wide row-major matrix does not alias the tiles beside it).
-  Broadcast (stride 0) and size-1 dimensions do not widen the footprint. Footprints
-  outside the memory / tensor are clipped to it.
-  Per granule the simulator keeps the ready time of the last write, the stream of that
-  write, and the latest end time of any read:
-    RAW   a reader starts >= the last write's ready time
-    WAW   a writer starts >= the ready time of every earlier write to the same partitions,
-          unless those writes were on the same stream (in-order streams keep their own
-          writes ordered, so accumulating matmuls into one PSUM tile issue back to back).
-          Partitions are tracked per granule as a mask of MASK_BITS partition blocks over
-          an *epoch*: writes with disjoint masks join the epoch (a tile loaded as several
-          DMAs over different partitions, one per queue, loads in parallel); a write that
+Dependencies (buffer def-use). Every memory is a grid of *cells*:
+  * SBUF / PSUM: rows = partitions, each row the partition's bytes;
+  * HBM: each tensor, rows = all but its last dimension, each row the last dimension's bytes;
+  rows in blocks of row_block(spec) = MASK_BITS * partition_block(spec) rows (128 on trn),
+  columns in granules of `dep_granule_bytes` (SBUF/PSUM) / `hbm_granule_bytes` (HBM); a
+  cell is (row block, column granule). An operand touches a row range (SBUF/PSUM: its
+  partitions; HBM: from the element address, row = byte address // row bytes, plus the span
+  of its dimensions whose strides are whole rows) and column runs (its other dimensions):
+  their bounding byte range, or - when its largest-stride such dimension separates the runs
+  by at least one granule - one run per step of that dimension. An HBM access whose
+  columns run past the end of a row covers whole rows (the rows it reaches). Broadcast
+  (stride 0) and size-1 dimensions do not widen the footprint; footprints outside the
+  memory / tensor are clipped to it. Per touched cell the operand also has a mask of the
+  row sub-blocks (MASK_BITS per row block, partition_block(spec) rows each) it touches.
+  So a [128 x 512] tile of a row-major HBM matrix is one or two cells, not 128 rows.
+  Per cell the simulator keeps the ready time of the last write, the stream of that write,
+  and the latest end time of any read:
+    RAW   a reader starts >= the last write's ready time (any rows of the cell)
+    WAW   a writer starts >= the ready time of every earlier write to the same row
+          sub-blocks, unless those writes were on the same stream (in-order streams keep
+          their own writes ordered, so accumulating matmuls into one PSUM tile issue back
+          to back). Row sub-blocks are tracked per cell as a mask over an *epoch*: writes
+          with disjoint masks join the epoch (a tile loaded or stored as several DMAs over
+          different partitions / rows, one per queue, moves in parallel); a write that
           overlaps the epoch's mask waits for all of it (unless every write of the epoch
           was on its own stream) and starts a new epoch; a disjoint write still waits for
           every write before the epoch.
-    WAR   a writer starts >= the end of every earlier read
+    WAR   a writer starts >= the end of every earlier read (any rows of the cell)
   Reads are released at the reader's end (end of its issue interval / transfer); writes
   become visible at the writer's ready time. Accumulating instructions (`acc`) count as
   writes of dst only (accumulation happens in the memory). Activation `dst2` is a write;
-  extra per-partition scale/bias operands are reads.
+  extra per-partition scale/bias operands are reads. Cells are coarser than bytes, so
+  accesses sharing a cell order conservatively (never too little: partial overlaps order).
   Multi-buffering needs no special case: slots are distinct addresses (Addr mod terms), so
-  distinct granules, so the next slot's load does not wait for the current slot's readers.
+  distinct cells, so the next slot's load does not wait for the current slot's readers.
 
 Shared ports (NeuronCore-v2). With `dve_pool_share_sbuf`, dve and pool instructions that
 touch SBUF serialise on one "SBUF port" resource; with `dve_act_share_psum`, dve and act
@@ -95,8 +104,11 @@ Implementation
 `flatten(program, spec)` turns the loop tree once into a compact bytecode
 (LOOP_BEGIN / INSTR / LOOP_END with loop levels and extents) and per-static-instruction /
 per-operand integer tables (stream, II, latency, DMA channel time, footprint geometry, affine
-address terms as (level, byte coefficient, mod) rows). `_core` (Numba, cache=True) expands
-the loops itself and runs the model above without any Python per dynamic instruction.
+address terms as (loop, byte coefficient, mod, operand) rows grouped by loop). The static
+work per instruction (`instr_cost` and the footprints) is cached per machine by instruction
+value, so a tuner's candidates pay it once per distinct instruction. `_core` (Numba,
+cache=True) expands the loops itself, keeps every operand's address up to date as loops
+step, and runs the model above without any Python per dynamic instruction.
 `sim.timing_ref` is a plain recursive Python implementation of the same model, used by
 the tests to check this one exactly.
 """
@@ -630,100 +642,6 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _runs(base, col, runs, pitch, ext, ncol, gb, gsh, kind, m, seg_lo, seg_hi, seg_k, seg_m,
-          ns):
-    """Append the cell segments [base + g0, base + g1] of the column runs (adjacent runs
-    merged), tagged `kind` and row mask m; return the new count."""
-    first = ns
-    prev = -1
-    for r in range(runs):
-        lo = col + r * pitch
-        hi = lo + ext - 1
-        if gsh >= 0:
-            g0 = lo >> gsh
-            g1 = hi >> gsh
-        else:
-            g0 = lo // gb
-            g1 = hi // gb
-        if g0 <= prev:
-            g0 = prev + 1
-        if g0 < 0:
-            g0 = 0
-        if g1 >= ncol:
-            g1 = ncol - 1
-        if g0 <= g1:
-            if ns > first and seg_hi[ns - 1] == base + g0 - 1:
-                seg_hi[ns - 1] = base + g1
-            else:
-                seg_lo[ns] = base + g0
-                seg_hi[ns] = base + g1
-                seg_k[ns] = kind
-                seg_m[ns] = m
-                ns += 1
-            prev = g1
-    return ns
-
-
-@njit(cache=True, error_model="numpy")
-def _segments(otab, o, a, rbk, rbk_sh, blk, blk_sh, seg_lo, seg_hi, seg_k, seg_m, ns):
-    """Append the cell segments of operand o at byte address a (absolute cell indices,
-    inclusive), one group per row block with its row mask; return the new count."""
-    runs = otab[o, O_RUNS]
-    pitch = otab[o, O_PITCH]
-    ext = otab[o, O_E]
-    kind = otab[o, O_KIND]
-    ncol = otab[o, O_NCOL]
-    gb = otab[o, O_G]
-    gsh = otab[o, O_GSH]
-    if otab[o, O_DYN] == 0:                     # SBUF/PSUM: static rows, one row block
-        return _runs(otab[o, O_CBASE], a, runs, pitch, ext, ncol, gb, gsh, kind,
-                     otab[o, O_MASK], seg_lo, seg_hi, seg_k, seg_m, ns)
-    rbytes = otab[o, O_RB]
-    sh = otab[o, O_RBSH]
-    if sh >= 0:
-        r0 = a >> sh
-    else:
-        r0 = a // rbytes
-    col = a - r0 * rbytes
-    r1 = r0 + otab[o, O_NROWS] - 1
-    span = otab[o, O_SPAN]
-    if col + span > rbytes:                     # wraps into the next row(s): whole rows
-        r1 += (col + span - 1) // rbytes
-        col = 0
-        runs = 1
-        pitch = 0
-        ext = rbytes
-    if r0 < 0:
-        r0 = 0
-    rows = otab[o, O_ROWS]
-    if r1 >= rows:
-        r1 = rows - 1
-    if r0 > r1:
-        return ns
-    if rbk_sh >= 0:
-        rb0 = r0 >> rbk_sh
-        rb1 = r1 >> rbk_sh
-    else:
-        rb0 = r0 // rbk
-        rb1 = r1 // rbk
-    cb = otab[o, O_CBASE]
-    for rb in range(rb0, rb1 + 1):
-        lo_r = r0 - rb * rbk
-        if lo_r < 0:
-            lo_r = 0
-        hi_r = r1 - rb * rbk
-        if hi_r >= rbk:
-            hi_r = rbk - 1
-        if blk_sh >= 0:
-            m = ((2 << (hi_r >> blk_sh)) - 1) ^ ((1 << (lo_r >> blk_sh)) - 1)
-        else:
-            m = ((2 << (hi_r // blk)) - 1) ^ ((1 << (lo_r // blk)) - 1)
-        ns = _runs(cb + rb * ncol, col, runs, pitch, ext, ncol, gb, gsh, kind, m, seg_lo,
-                   seg_hi, seg_k, seg_m, ns)
-    return ns
-
-
-@njit(cache=True, error_model="numpy", inline="always")
 def _dma_end(start, q, h, tag, used, bin_ps, bin_sh, mask):
     """End of a transfer needing q ps of its queue and h ps of the shared HBM channel
     (channel time reserved first come first served from the start bin on)."""
@@ -822,7 +740,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                 mode = otab[o, O_MODE]
                 if mode != M_NONE:
                     a = addr[o]
-                    if mode == M_FAST:
+                    if mode == M_FAST:          # one run of static rows: one segment
                         gsh = otab[o, O_GSH]
                         if gsh >= 0:
                             g0 = a >> gsh
@@ -841,9 +759,91 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                             seg_k[ns] = otab[o, O_KIND]
                             seg_m[ns] = otab[o, O_MASK]
                             ns += 1
-                    else:
-                        ns = _segments(otab, o, a, rbk, rbk_sh, blk, blk_sh, seg_lo, seg_hi,
-                                       seg_k, seg_m, ns)
+                        continue
+                    # general: one group of segments per row block (rows from the address
+                    # for HBM), each the column runs, adjacent runs merged
+                    runs = otab[o, O_RUNS]
+                    pitch = otab[o, O_PITCH]
+                    ext = otab[o, O_E]
+                    col = a
+                    rb0 = 0
+                    rb1 = 0
+                    r0 = 0
+                    r1 = 0
+                    if otab[o, O_DYN]:
+                        rbytes = otab[o, O_RB]
+                        sh = otab[o, O_RBSH]
+                        if sh >= 0:
+                            r0 = a >> sh
+                        else:
+                            r0 = a // rbytes
+                        col = a - r0 * rbytes
+                        r1 = r0 + otab[o, O_NROWS] - 1
+                        span = otab[o, O_SPAN]
+                        if col + span > rbytes:     # wraps into the next row(s): whole rows
+                            r1 += (col + span - 1) // rbytes
+                            col = 0
+                            runs = 1
+                            pitch = 0
+                            ext = rbytes
+                        if r0 < 0:
+                            r0 = 0
+                        if r1 >= otab[o, O_ROWS]:
+                            r1 = otab[o, O_ROWS] - 1
+                        if r0 > r1:
+                            continue
+                        if rbk_sh >= 0:
+                            rb0 = r0 >> rbk_sh
+                            rb1 = r1 >> rbk_sh
+                        else:
+                            rb0 = r0 // rbk
+                            rb1 = r1 // rbk
+                    ncol = otab[o, O_NCOL]
+                    gb = otab[o, O_G]
+                    gsh = otab[o, O_GSH]
+                    kind = otab[o, O_KIND]
+                    for rb in range(rb0, rb1 + 1):
+                        if otab[o, O_DYN]:
+                            lo_r = r0 - rb * rbk
+                            if lo_r < 0:
+                                lo_r = 0
+                            hi_r = r1 - rb * rbk
+                            if hi_r >= rbk:
+                                hi_r = rbk - 1
+                            if blk_sh >= 0:
+                                m = ((2 << (hi_r >> blk_sh)) - 1) ^ ((1 << (lo_r >> blk_sh)) - 1)
+                            else:
+                                m = ((2 << (hi_r // blk)) - 1) ^ ((1 << (lo_r // blk)) - 1)
+                        else:
+                            m = otab[o, O_MASK]
+                        base = otab[o, O_CBASE] + rb * ncol
+                        first = ns
+                        prev = -1
+                        for r in range(runs):
+                            lo = col + r * pitch
+                            hi = lo + ext - 1
+                            if gsh >= 0:
+                                g0 = lo >> gsh
+                                g1 = hi >> gsh
+                            else:
+                                g0 = lo // gb
+                                g1 = hi // gb
+                            if g0 <= prev:
+                                g0 = prev + 1
+                            if g0 < 0:
+                                g0 = 0
+                            if g1 >= ncol:
+                                g1 = ncol - 1
+                            if g0 <= g1:
+                                if ns > first and seg_hi[ns - 1] == base + g0 - 1:
+                                    seg_hi[ns - 1] = base + g1
+                                else:
+                                    seg_lo[ns] = base + g0
+                                    seg_hi[ns] = base + g1
+                                    seg_k[ns] = kind
+                                    seg_m[ns] = m
+                                    ns += 1
+                                prev = g1
             # RAW for reads; WAW (unless the same stream wrote last) and WAR for writes
             for k in range(ns):
                 lo = seg_lo[k]

@@ -1,8 +1,9 @@
 """A plain pure-Python implementation of the timing model of `sim.timing`.
 
 Used by the tests to check the Numba core: it walks the loop tree recursively with a dict
-of loop variables, evaluates each operand's `Addr` with `Addr.eval`, enumerates granules
-into Python sets and keeps the model's state in dicts. Only the static per-instruction
+of loop variables, evaluates each operand's `Addr` with `Addr.eval`, enumerates its cells
+(row blocks x column granules, row masks from the set of rows) into dicts and keeps the
+model's state in dicts; the HBM channel is a dict-free ring walked bin by bin. Only the static per-instruction
 rules (issue intervals, latencies, DMA byte counts: `timing.instr_cost`) and the static
 footprint geometry (`timing.footprint`) are shared with the fast path, so the loop
 expansion, address arithmetic, dependency tracking, DMA / HBM-channel model and the
@@ -50,7 +51,7 @@ class _Model:
 
     # -- footprints ------------------------------------------------------------------------
     def cells(self, ap, env) -> dict:
-        """{(region, row block, granule): mask of the row sub-blocks touched}, row by row."""
+        """{(region, row block, granule): mask of the row sub-blocks touched}."""
         key = id(ap)
         fp = self.fps.get(key)
         if fp is None:
@@ -66,16 +67,18 @@ class _Model:
                 col, runs = 0, [(0, reg.row_bytes)]
         else:
             first, last, col = fp.r0, fp.r0 + fp.nrows - 1, a
+        first, last = max(first, 0), min(last, reg.rows - 1)
+        grans = set()
+        for off, ext in runs:
+            lo = col + off
+            grans.update(range(max(lo // reg.gran, 0),
+                               min((lo + ext - 1) // reg.gran, reg.ncol - 1) + 1))
         out: dict = {}
-        for row in range(max(first, 0), min(last, reg.rows - 1) + 1):
-            rb, bit = divmod(row, self.rbk)
-            bit = 1 << (bit // self.blk)
-            for off, ext in runs:
-                lo = col + off
-                for g in range(max(lo // reg.gran, 0),
-                               min((lo + ext - 1) // reg.gran, reg.ncol - 1) + 1):
-                    c = (fp.region, rb, g)
-                    out[c] = out.get(c, 0) | bit
+        for rb in range(first // self.rbk, last // self.rbk + 1 if first <= last else 0):
+            rows = range(max(first, rb * self.rbk), min(last, rb * self.rbk + self.rbk - 1) + 1)
+            mask = sum(1 << b for b in {(r - rb * self.rbk) // self.blk for r in rows})
+            for g in grans:
+                out[(fp.region, rb, g)] = mask
         return out
 
     # -- the shared HBM channel ------------------------------------------------------------

@@ -215,12 +215,50 @@ def _one_dma_program(n_tiles, queues, tile_rows=128, width=8192, part_dim=True):
 
 
 def test_disjoint_tiles_do_not_alias():
-    # tiles j and j+2 are 4 KiB apart in each row: distinct HBM granules, so no WAW wait
+    # with 4 KiB HBM granules, tiles j and j+2 are 4 KiB apart in each row: distinct cells,
+    # so no WAW wait; tile j+1 shares tile j's cells (512 fp32 = half a granule)
     p = _one_dma_program(n_tiles=16, queues=16)
-    r = simulate(p, TRN2, trace=True)
+    r = simulate(p, TRN2.replace(hbm_granule_bytes=4096), trace=True)
     starts = r._trace["start_ps"]
     assert starts[0] == starts[2] == starts[4] == 0
-    assert starts[1] > 0          # shares granules with tile 0 (512 fp32 = half a granule)
+    assert starts[1] > 0
+    # with the default granule (<= 2 KiB) every tile has its own cells
+    r = simulate(p, TRN2, trace=True)
+    assert set(r._trace["start_ps"].tolist()) == {0}
+
+
+def test_row_blocks_order_partial_overlaps():
+    # a [128 x 512] fp32 tile stored as 4 DMAs of 32 rows on 4 queues: disjoint row
+    # sub-blocks of the same cells, so they move in parallel; a load of rows 16..47 on a
+    # fifth queue overlaps the first two stores and waits for both (RAW), one of rows
+    # 96..127 only for the last
+    def store(q, r0):
+        return Instr.make("dma", f"q{q}",
+                          AP("hbm", "C", "float32", Addr(r0 * 512), ((512, 32), (1, 512))),
+                          [AP("sbuf", "c", "float32", Addr(0), ((1, 32), (1, 512)), r0)])
+
+    def load(q, r0):
+        return Instr.make("dma", f"q{q}",
+                          AP("sbuf", "d", "float32", Addr(8192), ((1, 32), (1, 512)), r0),
+                          [AP("hbm", "C", "float32", Addr(r0 * 512), ((512, 32), (1, 512)))])
+    body = tuple(store(q, 32 * q) for q in range(4)) + (load(4, 16), load(5, 96))
+    p = Program("rows", (TensorDecl("C", (128, 512), "float32", "output"),), body)
+    r = simulate(p, TRN2, trace=True)
+    st, en = r._trace["start_ps"].tolist(), r._trace["end_ps"].tolist()
+    ready = [e + round(TRN2.dma_fixed_ns * 1000) for e in en]
+    assert st[:4] == [0, 0, 0, 0]
+    assert st[4] == max(ready[0], ready[1])
+    assert st[5] == ready[3]
+    assert_models_agree(p, TRN2)
+
+
+def test_uncontended_transfer_is_exact():
+    # one transfer alone on the channel ends at start + Q, whatever the bin width
+    p = _one_dma_program(n_tiles=1, queues=1)
+    c = instr_cost(p.body[0], TRN2)
+    for bin_ns in (1.0, 1000.0, 100000.0):
+        r = simulate(p, TRN2.replace(hbm_bin_ns=bin_ns), trace=True)
+        assert r._trace["end_ps"].tolist() == [c.ii_ps]
 
 
 def test_hbm_channel_is_shared():
