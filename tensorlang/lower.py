@@ -383,8 +383,14 @@ class Lowerer:
         self.decisions: list = []   # per emit_balanced call: {engine: load it added}
         self.ncall = 0
         self.prior = None           # second pass: the first pass's (decisions, loads)
+        self.resident: set = set()       # PSUM buffers holding broadcast vectors
+        self.prologue: set = set()       # scratch buffers used only before the job's loops
+        self.psum_peak = 0                # PSUM the rest of the program needs at once
+        self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
             self.prior, self.proj = prior[0], dict(prior[1])
+            # the first pass knows what the rest of the program needs: the rest is free
+            self.psum_room = spec.psum_partition_bytes - prior[2] - spec.psum_bank_bytes
         hbm = sum(int(np.prod(t.shape)) * ITEMSIZE[t.dtype] for t in (*prog.inputs, *prog.outputs))
         self.hbm_ps = hbm * 1000.0 / spec.dma_gbps         # the memory floor of the kernel
 
@@ -438,7 +444,7 @@ class Lowerer:
         taken = [(x[1], x[1] + x[2]) for x in self.live if x[0] == mem]
         if self.hoisting:   # read by every iteration: clear of everything this job used too
             taken += [(b.offset, b.offset + b.size) for b in self.buffers[self.job_buf0:]
-                      if b.mem == mem]
+                      if b.mem == mem and b.name not in self.prologue]
         for lo, hi in sorted(taken):
             if lo > prev:
                 gaps.append((prev, lo))
@@ -486,6 +492,7 @@ class Lowerer:
         bname = self.fresh(name)
         self.buffers.append(isa.Buffer(bname, mem, top, size))
         self.live.append((mem, top, size, bname, level))
+        self.note_psum()
         base = Lin(top)
         if rot:
             v, d = rot
@@ -667,7 +674,13 @@ class Lowerer:
         env.lin["__acc__"] = (mem, name, base, dtype, slot_stride, tuple(reversed(strides)))
         return env
 
-    def alloc_banks(self, n: int, name: str, env: Env, level: int | None = None):
+    def note_psum(self):
+        """Track the most PSUM in use at once by everything but resident broadcasts."""
+        n = sum(x[2] for x in self.live if x[0] == "psum" and x[3] not in self.resident)
+        self.psum_peak = max(self.psum_peak, n)
+
+    def alloc_banks(self, n: int, name: str, env: Env, level: int | None = None,
+                    resident: bool = False):
         spec = self.spec
         rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
         depth = rot[1] if rot else 1
@@ -681,6 +694,9 @@ class Lowerer:
         bname = self.fresh(name)
         self.buffers.append(isa.Buffer(bname, "psum", top, size))
         self.live.append(("psum", top, size, bname, len(self.memo) - 1 if level is None else level))
+        if resident:
+            self.resident.add(bname)
+        self.note_psum()
         base = Lin(top)
         if rot:
             base = base + Lin(0, ((rot[0], n * spec.psum_bank_bytes, rot[1]),))
@@ -865,9 +881,11 @@ class Lowerer:
                 F, bank = ext[deps[0]], self.spec.psum_bank_bytes
                 n = -(-F * ITEMSIZE[t.dtype] // bank)
                 if (F <= self.spec.max_free_elems_psum
-                        and self.used("psum") + n * bank <= self.spec.psum_partition_bytes // 2
+                        and sum(x[2] for x in self.live if x[3] in self.resident) + n * bank
+                        <= self.psum_room
                         and self.place("psum", (n + 1) * bank, bank) is not None):
-                    base, bname = self.alloc_banks(n, f"{ld.tensor}_bc", root, level=1)
+                    base, bname = self.alloc_banks(n, f"{ld.tensor}_bc", root, level=1,
+                                                   resident=True)
                     v = Val("psum", base, tuple(deps), (1,), t.dtype, bname)
             if v is None:
                 v = self.tile(P, deps, ext, t.dtype, f"{ld.tensor}_bc", root, depth=1)
@@ -876,6 +894,7 @@ class Lowerer:
                 self.dma(self.ap(v, P, list(deps), ext), src)
                 return v
             F = ext[deps[0]]
+            first = len(self.buffers)
             with self.level():
                 row = self.tile(1, deps, ext, t.dtype, f"{ld.tensor}_row", root)
                 self.dma(self.ap(row, 1, list(deps), ext),
@@ -896,6 +915,7 @@ class Lowerer:
                         dst = isa.AP(v.mem, v.name, t.dtype, v.base.addr() + c * ITEMSIZE[t.dtype],
                                      ((1, P), (1, k)))
                         self.emit_balanced(isa.Instr.make("tensor_copy", "act", dst, (ps_ap,)))
+            self.prologue.update(b.name for b in self.buffers[first:])
             return v
         finally:
             self.body, self.trips, self.hoisting = body, trips, False
@@ -1695,7 +1715,7 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
     # two passes: the second picks engines against the first pass's projected loads
     lw = _lower_jobs(prog, sched, spec, pads, None)
     if lw.decisions:
-        lw = _lower_jobs(prog, sched, spec, pads, (lw.decisions, lw.busy))
+        lw = _lower_jobs(prog, sched, spec, pads, (lw.decisions, lw.busy, lw.psum_peak))
     tensors = []
     for t in prog.inputs:
         tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "input"))
