@@ -690,7 +690,7 @@ def _dma_end(start, q, h, tag, used, bin_ps, bin_sh, mask):
 @njit(cache=True, error_model="numpy")
 def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_sh, blk, blk_sh,
           st, tag, used, rec_cap):
-    """Run the model. st (cell state, one row of S_COLS per cell) and tag/used (HBM-channel
+    """Run the model. st (cell state, S_COLS entries per cell) and tag/used (HBM-channel
     bins) are caller-owned scratch: zero (tag: -1) on entry, and left so on return."""
     mask = tag.shape[0] - 1
     bin_sh = 0
@@ -710,7 +710,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
     rec_s = np.zeros(rec_cap, np.int64)
     rec_e = np.zeros(rec_cap, np.int64)
     rec_i = np.zeros(rec_cap, np.int64)
-    gmin = st.shape[0]                           # touched cell range, cleared on return
+    gmin = st.shape[0] // S_COLS                           # touched cell range, cleared on return
     gmax = -1
     bmin = 1 << 62                               # touched bins
     bmax = -1
@@ -850,20 +850,20 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                 hi = seg_hi[k] + 1
                 kk = seg_k[k]
                 if kk == K_READ:
-                    for g in range(lo, hi):
-                        if st[g, S_LW] > t:
-                            t = st[g, S_LW]
+                    for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
+                        if st[g8 + S_LW] > t:
+                            t = st[g8 + S_LW]
                 else:
                     war = kk == K_WRITE_WAR
                     m = seg_m[k]
-                    for g in range(lo, hi):
-                        if war and st[g, S_LR] > t:
-                            t = st[g, S_LR]
-                        if st[g, S_LWM] & m:
-                            if st[g, S_LWS] != s1 and st[g, S_LW] > t:
-                                t = st[g, S_LW]
-                        elif st[g, S_LWO] > t:
-                            t = st[g, S_LWO]
+                    for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
+                        if war and st[g8 + S_LR] > t:
+                            t = st[g8 + S_LR]
+                        if st[g8 + S_LWM] & m:
+                            if st[g8 + S_LWS] != s1 and st[g8 + S_LW] > t:
+                                t = st[g8 + S_LW]
+                        elif st[g8 + S_LWO] > t:
+                            t = st[g8 + S_LWO]
             start = t
             if itab[i, I_DMA]:
                 h = itab[i, I_HBM]
@@ -892,24 +892,24 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                 lo = seg_lo[k]
                 hi = seg_hi[k] + 1
                 if seg_k[k] == K_READ:
-                    for g in range(lo, hi):
-                        if end > st[g, S_LR]:
-                            st[g, S_LR] = end
+                    for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
+                        if end > st[g8 + S_LR]:
+                            st[g8 + S_LR] = end
                 else:
                     m = seg_m[k]
-                    for g in range(lo, hi):
-                        if st[g, S_LWM] & m:              # overlaps this epoch's writes: a new epoch
-                            st[g, S_LWO] = st[g, S_LW]
-                            st[g, S_LWM] = m
-                            st[g, S_LWS] = s1
+                    for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
+                        if st[g8 + S_LWM] & m:              # overlaps this epoch's writes: a new epoch
+                            st[g8 + S_LWO] = st[g8 + S_LW]
+                            st[g8 + S_LWM] = m
+                            st[g8 + S_LWS] = s1
                         else:                       # disjoint partitions: joins the epoch
-                            if st[g, S_LWM] == 0:
-                                st[g, S_LWS] = s1
-                            elif st[g, S_LWS] != s1:
-                                st[g, S_LWS] = -1
-                            st[g, S_LWM] |= m
-                        if ready > st[g, S_LW]:
-                            st[g, S_LW] = ready
+                            if st[g8 + S_LWM] == 0:
+                                st[g8 + S_LWS] = s1
+                            elif st[g8 + S_LWS] != s1:
+                                st[g8 + S_LWS] = -1
+                            st[g8 + S_LWM] |= m
+                        if ready > st[g8 + S_LW]:
+                            st[g8 + S_LW] = ready
                 if lo < gmin:
                     gmin = lo
                 if hi > gmax:
@@ -951,9 +951,8 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                 pc = code[pc, 3] + 1
             else:
                 pc += 1
-    for g in range(gmin, gmax):                  # leave the scratch clean for the next run
-        for c in range(S_COLS):
-            st[g, c] = 0
+    for g8 in range(gmin * S_COLS, gmax * S_COLS):   # leave the scratch clean for the next run
+        st[g8] = 0
     if bmax - bmin + 1 >= tag.shape[0]:
         tag[:] = -1
         used[:] = 0
@@ -983,8 +982,8 @@ def _scratch(n_cells: int, n_bins: int):
     if n_bins & (n_bins - 1):
         raise SimError(f"HBM_RING_BINS={n_bins} must be a power of two")
     st = getattr(_pool, "state", None)
-    if st is None or st[0].shape[0] < n_cells or st[1].shape[0] != n_bins:
-        st = (np.zeros((max(n_cells, 4096), S_COLS), np.int64), np.full(n_bins, -1, np.int64),
+    if st is None or st[0].shape[0] < n_cells * S_COLS or st[1].shape[0] != n_bins:
+        st = (np.zeros(max(n_cells, 4096) * S_COLS, np.int64), np.full(n_bins, -1, np.int64),
               np.zeros(n_bins, np.int64))
         _pool.state = st
     return st
