@@ -184,10 +184,18 @@ def rms_matmul_template(s, cfg):
     (compute_at), in the layout the systolic array reads them, so Xn never touches HBM; the
     row statistic ms is its own small pass (attaching it too makes lowering evaluate the
     row reduction per contraction step: gap 3 of the report)."""
-    tile_matmul(s, "C", {**cfg, "mi": 1, "cache_a": False}, "Xn", "W")
+    ioo, jo, ko, ioi = tile_matmul(s, "C", {**cfg, "cache_a": False}, "Xn", "W")
     s.compute_at("Xn", s.axes("C")[0])
+    if ioi is not None and cfg["px"] > 1:
+        s.pipeline(ioi, cfg["px"])          # the row tiles of Xn are computed overlapped
     i, = s.axes("ms")
-    s.partition(s.split(i, fit(ext(s, i), cfg["mt"]))[1])
+    k, = s.reduce_axes("ms")
+    io, ii = s.split(i, fit(ext(s, i), cfg["mt"]))
+    s.partition(ii)
+    if ext(s, k) <= 16384:
+        s.vectorize(k)            # one fused square-and-sum pass per row tile
+    if cfg["pipe"] > 1 and ext(s, io) > 1:
+        s.pipeline(io, 2)
 
 
 def rms_matmul_unfused(s, cfg):
@@ -198,7 +206,7 @@ def rms_matmul_unfused(s, cfg):
     tile_matmul(s, "C", cfg, "Xn", "W")
 
 
-MM = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 3, "cache_a": True}
+MM = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 3, "pj": 2, "px": 1, "cache_a": True}
 NORM = (("expert", template, DEFAULT), ("unfused", unfused, DEFAULT))
 
 softmax = KernelFn("softmax", softmax_algo, NORM, "row-wise softmax of X [M, N]")
