@@ -10,7 +10,7 @@ O = P V (a contraction over the keys).
 
 The expert schedule (`flash`) computes every intermediate inside O's 128-row query-tile
 loop (compute_at): the lowering evaluates P in its own layout (queries on the partitions,
-the whole key row free: S for the tile is one PSUM tile of the systolic array, Sk <= 512),
+the whole key row free: S for the tile is one PSUM row of the systolic array, Sk <= 2048),
 shares S, L and E between their readers, and transposes P per key block into O's
 stationary operand, so only Q, K, V and O touch HBM. True online-softmax rescaling (one
 pass over the keys in blocks) is a recurrence the DSL cannot express, so a query tile holds
