@@ -241,8 +241,9 @@ def test_records_and_warm_start(tmp_path):
     # a new shape starts from the nearest recorded shape's best config
     other = mm(256, 128, 256)
     res2 = autotune.tune(other, template, trials=3, seed=5, progress=False, records=db)
-    first = min(res2.trials, key=lambda t: t.number).config
-    assert first["tm"] == best.config["tm"] and first["depth"] == best.config["depth"]
+    first = min(res2.trials, key=lambda t: t.number)
+    assert first.config["tm"] == best.config["tm"] and first.config["depth"] == best.config["depth"]
+    assert first.source == "warm_start"     # told apart from the search's own proposals
 
 
 # ------------------------------------------------------------------------------------------
