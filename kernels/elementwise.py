@@ -118,8 +118,9 @@ def template(s, cfg):
         s.vectorize(a)
     s.reorder(*loops, ii)
     s.partition(ii)
-    if len(loops) > 1 and cfg.get("fuse", True):   # one loop over all tiles: every load of the
-        loops = [s.fuse(*loops[:2])] + loops[2:]     # next tile overlaps this one's compute
+    spatial = len(loops) > 1 and len(ax) > 1 and ext(s, ax[1]) > cfg["free"]
+    if spatial and cfg.get("fuse", True):   # one loop over all tiles: every load of the next
+        loops = [s.fuse(*loops[:2])] + loops[2:]     # tile overlaps this one's compute
     inner = loops[-1]
     if cfg["pipe"] > 1 and ext(s, inner) > 1:
         s.pipeline(inner, cfg["pipe"])
