@@ -557,3 +557,20 @@ def test_golden_asm(name):
     prog = s.prog
     ins = [random_array(t.shape, t.dtype, seed=n) for n, t in enumerate(prog.inputs)]
     check_values(prog, k, ins, prog.reference(*ins), prog.inputs[0].dtype, what="golden")
+
+
+# ---------------------------------------------------------------------------------------
+# instruction-selection regressions (schedules the property test once found)
+
+def test_hoisted_broadcast_is_not_overwritten_by_the_loop_body():
+    """b[j] of gelu_linear is loaded once before the loops (a per-feature vector); its tile
+    must not share addresses with buffers the loop body writes (unrolled k, tailed splits)."""
+    prog, inputs, ref = case("mlp", "float32")
+    s = prog.schedule()
+    s.split("i", 1, stage="Y")
+    s.vectorize("io", stage="Y")
+    s.split("i", 24, stage="H")
+    s.unroll("k", stage="H")
+    s.tile("ii", "j", 19, 32, stage="H")
+    s.tile("iii", "ji", 3, 22, stage="H")
+    check_values(prog, s.build("trn2"), inputs, ref, "float32")
