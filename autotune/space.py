@@ -226,6 +226,20 @@ def neighbours(cfg: Config) -> list[dict]:
     return out
 
 
+def optuna_distributions(cfg: Config) -> dict:
+    """The optuna distributions `Optuna.pick` suggests from, for a trial added directly."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution  # noqa: PLC0415
+    out = {}
+    for name, p in cfg.params.items():
+        if p.kind == "choice" and not p.ordinal:
+            out[name] = CategoricalDistribution(list(range(len(p.values))))
+        elif p.kind == "int":
+            out[name] = IntDistribution(p.values[0], p.values[-1], log=bool(p.meta))
+        else:
+            out[name] = IntDistribution(0, len(p.values) - 1)
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # running a template
 

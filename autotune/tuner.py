@@ -234,15 +234,17 @@ def _config_key(config: dict) -> str:
 
 class _Search:
     """One process's view of a study: the distinct configs measured so far (by anyone on the
-    storage) and the best-first neighbour steps.
+    storage), best-first neighbour steps and uniform fills.
 
     A proposal whose config was already measured is a duplicate: it is told FAILED (marked
-    `duplicate`) and the sampler is asked again, so `trials` counts distinct configs. With
-    `local`, each batch after the start-up phase also holds one unmeasured neighbour (one
-    parameter one step away) of the best configs measured so far, and so does the next batch
-    after a duplicate proposal: the sampler's model finds the region, the neighbour steps
-    finish the descent inside it. Without `local` (or with every neighbour measured) a
-    duplicate proposal is followed by a uniformly drawn unmeasured config instead."""
+    `duplicate`), not counted, and its slot is filled by a step taken outside the sampler --
+    an unmeasured neighbour (one parameter one step away) of the best measured configs with
+    `local`, else a uniformly drawn unmeasured config. With `local`, one in four counted
+    configs after the start-up is such a neighbour step even without duplicates: the
+    sampler's model finds the region, the neighbour steps finish the descent inside it. A
+    step's result is added to the study as a finished trial (the sampler learns from it; no
+    sampler call is spent on it), and the next batch asks the sampler for as many fewer
+    proposals as it repeated in this one."""
 
     def __init__(self, study, ev: Evaluator, local: bool, startup: int, seed: int = 0):
         self.study, self.ev, self.local, self.startup = study, ev, local, startup
@@ -259,13 +261,30 @@ class _Search:
                 cfg = t.user_attrs.get("config", {})
                 self.seen.setdefault(_config_key(cfg), (t.value, cfg))
 
-    def enqueue_neighbour(self, queued: int = 1) -> bool:
-        """Enqueue the first unmeasured neighbour of the measured configs, best first, unless
-        `queued` trials wait in the queue already (workers share it). False: none left."""
+    def step(self) -> tuple[dict, "sp.Config", str] | None:
+        """Measure one unmeasured config chosen outside the sampler and add it to the study
+        (a neighbour step with `local`, else or when none is left a uniform draw)."""
+        cfg, source = (self._neighbour(), "local") if self.local else (None, "")
+        if cfg is None:
+            cfg, source = self._random(), "random"
+        if cfg is None:
+            return None
         optuna = _quiet_optuna()
-        waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        if len(waiting) >= queued:
-            return True
+        res, _ = self.ev.run(sp.Fixed(cfg.values))
+        attrs = {a: res[a] for a in ("config", "schedule", "cycles", "time_us",
+                                      "roofline_fraction", "error") if a in res}
+        attrs["source"] = source
+        complete = res["state"] == "complete"
+        t = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED,
+            value=res["cycles"] if complete else None, params=sp.optuna_params(cfg),
+            distributions=sp.optuna_distributions(cfg), user_attrs=attrs)
+        self.study.add_trial(t)
+        self.seen[_config_key(res["config"])] = (res.get("cycles"), res["config"])
+        return {**res, "source": source}
+
+    def _neighbour(self):
+        """The first unmeasured neighbour of the measured configs, best first."""
         order = sorted(self.seen.items(), key=lambda kv: (kv[1][0] is None, kv[1][0] or 0))
         for key, (_, config) in order:
             if key in self.exhausted:
@@ -276,19 +295,16 @@ class _Search:
             for nb in nbs:
                 near = self._resolve(nb)
                 if near is not None and _config_key(near.values) not in self.seen:
-                    self.study.enqueue_trial(sp.optuna_params(near), user_attrs={"source": "local"})
-                    return True
+                    return near
             self.exhausted.add(key)
-        return False
+        return None
 
-    def enqueue_random(self, tries: int = 64) -> bool:
-        """Enqueue a uniformly drawn unmeasured config (the sampler keeps repeating itself)."""
+    def _random(self, tries: int = 64):
         for _ in range(tries):
             cfg = self._resolve(None)
             if cfg is not None and _config_key(cfg.values) not in self.seen:
-                self.study.enqueue_trial(sp.optuna_params(cfg), user_attrs={"source": "random"})
-                return True
-        return False
+                return cfg
+        return None
 
     def _resolve(self, config: dict | None):
         """The config a template run resolves `config` to (None: a random draw)."""
@@ -304,20 +320,23 @@ class _Search:
 
 def _run_share(study, ev: Evaluator, n: int, batch: int, early_stop, pbar, records, kernel,
                best0=None, local: bool = True, startup: int = 10, seed: int = 0) -> None:
-    """Ask/tell until `n` new distinct configs are measured, in batches of `batch`."""
+    """Measure `n` new distinct configs: the sampler's proposals asked/told in batches of
+    `batch`, repeated proposals replaced by steps (see `_Search`)."""
     optuna = _quiet_optuna()
     search = _Search(study, ev, local, startup, seed)
     best = best0
-    since = dups = 0
+    since = repeats = credit = 0
     done = 0
-    max_dups = max(32, 4 * batch)   # this many duplicate proposals in a row: space exhausted
     while done < n:
         search.refresh()
         k = min(batch, n - done)
-        if local and len(search.seen) >= startup:
-            search.enqueue_neighbour()
-        asked = [study.ask() for _ in range(k)]
+        steps = 0
+        if local and len(search.seen) >= startup:   # one in four counted configs
+            credit += k
+            steps, credit = min(k, credit // 4), credit % 4
+        asked = [study.ask() for _ in range(max(0, k - steps - repeats))]
         told, recs = [], []
+        repeats = 0
         for t in asked:
             res, _ = ev.run(sp.Optuna(t))
             key = _config_key(res["config"])
@@ -325,23 +344,27 @@ def _run_share(study, ev: Evaluator, n: int, batch: int, early_stop, pbar, recor
                 t.set_user_attr("duplicate", True)
                 t.set_user_attr("config", res["config"])
                 study.tell(t, state=optuna.trial.TrialState.FAIL)
-                dups += 1
-                if not (local and search.enqueue_neighbour()):
-                    search.enqueue_random()
+                repeats += 1
                 continue
-            dups = 0
             for a in ("config", "schedule", "cycles", "time_us", "roofline_fraction", "error"):
                 if a in res:
                     t.set_user_attr(a, res[a])
             if res["state"] == "complete":
                 study.tell(t, res["cycles"])
-                recs.append(res)
             else:
                 study.tell(t, state=optuna.trial.TrialState.PRUNED)
             search.seen[key] = (res.get("cycles"), res["config"])
             search.done_numbers.add(t.number)
             told.append(res)
+        while len(told) < k:        # neighbour / uniform steps fill the batch
+            res = search.step()
+            if res is None:
+                break
+            told.append(res)
+        if not told:                # nothing new proposed and nothing left to step to
+            return
         done += len(told)
+        recs = [r for r in told if r["state"] == "complete"]
         if records is not None and recs:
             records.add_many(Record(kernel, workload_key(ev.prog), ev.machine_name, TOOL_VERSION,
                                     r["config"], r["schedule"], r["cycles"], r["time_us"],
@@ -352,11 +375,11 @@ def _run_share(study, ev: Evaluator, n: int, batch: int, early_stop, pbar, recor
                 best, since = c, 0
             else:
                 since += 1
-        if pbar is not None and told:
+        if pbar is not None:
             pbar.update(len(told))
             if best is not None:
                 pbar.set_postfix_str(f"best {best:,} cycles")
-        if (early_stop and since >= early_stop) or dups >= max_dups:
+        if early_stop and since >= early_stop:
             return
 
 
