@@ -18,9 +18,10 @@ its whole score row; longer rows fall back to `unfused` (intermediates through H
 """
 from __future__ import annotations
 
+import sim
 import tensorlang as tl
 
-from ._library import KernelFn, fit
+from ._library import KernelFn, divisor, fit
 from .conv import _even
 from .matmul import ext, tile_matmul
 
@@ -75,7 +76,7 @@ attention_algo.name = "attention"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
+DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 2, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
                                                    "pipe": 2, "cache_a": True}}
 
 
@@ -108,10 +109,17 @@ def template(s, cfg):
     """Flash-style: everything but Q, K, V and O stays on chip. Inside O's query-tile loop
     the scores S = Q K^T of the tile's 128 rows against every key (one PSUM tile, on the
     systolic array), the logits, the row max, exp, row sum and P are computed in the rows'
-    own layout (queries on the partitions) and P is transposed per key block for O = P V."""
+    own layout (queries on the partitions) and P is transposed per key block for O = P V.
+    `qi` query tiles share one fill (their softmax chains interleave on the engines) when
+    their score rows fit a PSUM bank each."""
     io = _output(s, cfg)
+    at = io
+    bank = sim.machine(s.machine).psum_bank_bytes
+    qi = divisor(ext(s, io), cfg["qi"])
+    if qi > 1 and s.prog.tensors["K"].shape[1] * 4 <= bank:
+        at, _ = s.split(io, qi)
     for st in ("P", "total", "E", "mx", "L", "S"):
-        s.compute_at(st, io)
+        s.compute_at(st, at)
     (d,) = s.reduce_axes("S")
     if ext(s, d) > 128:
         d = s.split(d, fit(ext(s, d), 128))[1]

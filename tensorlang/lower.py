@@ -25,6 +25,7 @@ gets `depth` slots that rotate with the loop variable (multi-buffering).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide 
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
 COMPUTE_ENGINES = ("act", "dve", "pool")
+INTERLEAVE_MAX = 2      # compiler choice: query tiles of a transposed fill whose chains interleave
 
 # ----------------------------------------------------------------------------------------
 # affine values over ISA loop variables
@@ -950,27 +952,33 @@ class Lowerer:
 
     def load_row_blocks(self, tensor: str, part: str, f: str, v: Val, src: isa.AP, ext, env: Env):
         """v[part, f] from HBM rows [f, part] (contiguous along part), spec.partitions rows
-        at a time: each block is one DMA of whole rows and one tensor-engine transpose,
-        copied out by the scalar and vector engines in turn."""
+        at a time: each block is one DMA of whole rows and one tensor-engine transpose into a
+        PSUM tile of up to a bank, copied out by the scalar and vector engines in turn."""
         P, F, B = ext[part], ext[f], self.spec.partitions
         (pstride, _), (fstride, _) = src.dims
         vs = v.strides[v.deps.index(f)]
-        for k, b0 in enumerate(range(0, F, B)):
-            n = min(B, F - b0)
+        W = max(B, self.spec.psum_bank_bytes // 4 // B * B)    # columns per PSUM tile
+        for c0 in range(0, F, W):
+            w = min(W, F - c0)
             with self.level():
-                nat = self.tile(n, ("__r",), {"__r": P}, v.dtype, f"{tensor}_rows", env)
-                self.dma(self.ap(nat, n, ["__r"], {"__r": P}),
-                         isa.AP("hbm", tensor, v.dtype, src.offset + b0 * fstride,
-                                ((fstride, n), (pstride, P))))
-                ps = self.tile(P, ("__c",), {"__c": n}, "float32", f"{tensor}_rows_T", env,
+                ps = self.tile(P, ("__c",), {"__c": w}, "float32", f"{tensor}_rows_T", env,
                                mem="psum")
-                ps_ap = self.ap(ps, P, ["__c"], {"__c": n})
-                self.emit(isa.Instr.make("transpose", "pe", ps_ap,
-                                         (self.ap(nat, n, ["__r"], {"__r": P}),)))
-                dst = isa.AP(v.mem, v.name, v.dtype,
-                             (v.base + b0 * vs * ITEMSIZE[v.dtype]).addr(), ((1, P), (vs, n)),
-                             v.part)
-                self.emit(isa.Instr.make("tensor_copy", ("act", "dve")[k % 2], dst, (ps_ap,)))
+                for b0 in range(c0, c0 + w, B):
+                    n = min(B, F - b0)
+                    with self.level():
+                        nat = self.tile(n, ("__r",), {"__r": P}, v.dtype, f"{tensor}_rows", env)
+                        self.dma(self.ap(nat, n, ["__r"], {"__r": P}),
+                                 isa.AP("hbm", tensor, v.dtype, src.offset + b0 * fstride,
+                                        ((fstride, n), (pstride, P))))
+                        blk = isa.AP("psum", ps.name, "float32",
+                                     (ps.base + (b0 - c0) * 4).addr(), ((1, P), (1, n)))
+                        self.emit(isa.Instr.make("transpose", "pe", blk,
+                                                 (self.ap(nat, n, ["__r"], {"__r": P}),)))
+                    dst = isa.AP(v.mem, v.name, v.dtype,
+                                 (v.base + b0 * vs * ITEMSIZE[v.dtype]).addr(), ((1, P), (vs, n)),
+                                 v.part)
+                    self.emit(isa.Instr.make("tensor_copy", ("act", "dve")[(b0 // B) % 2], dst,
+                                             (blk,)))
 
     def transposing(self, fl: Affine, part: str, deps, ext) -> bool:
         """Would a load with this flat index walk contiguous memory along the partitions?
@@ -2085,41 +2093,97 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
     for u in row_slots:
         n_rows *= nom[u]
 
+    def rows(e):
+        """The producer's rows at this iteration of the outer slot loops (kept level: the
+        memo level just pushed)."""
+        ext = dict(e.ext)
+        ext.update({f: nom[f], part: nom[part], g: span})
+        keep, lw.keep = lw.keep, len(lw.memo) - 1
+        try:
+            return lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep, depth=lw.keep), ext
+        finally:
+            lw.keep = keep
+
+    def transposes(T, ext, e):
+        unroll = n_rows <= 16   # few slots: their PSUM copies alternate act / dve
+        k = [0]
+
+        def each(e2, j=0):
+            if j < len(row_slots):
+                u = row_slots[j]
+                if unroll:
+                    for c in range(nom[u]):
+                        each(e2.bind(u, Lin(c), **{u: 1}), j + 1)
+                else:
+                    lw.bind_loop(job, u, e2, lambda e3: each(e3, j + 1))
+                return
+            b = T.base
+            for u in row_slots:
+                b = b + e2.lin[u].scale(ix.coef(u) * ITEMSIZE[T.dtype])
+            nat = Val("sbuf", b, (part,), (1,), T.dtype, T.name)
+            lw.transpose_into(nat, slot_val(e2), part, f, ext, e2,
+                              ("act", "dve")[k[0] % 2] if unroll else "act")
+            k[0] += 1
+        each(e)
+
     def fill(e, i=0):
         if i < len(outer):
             lw.bind_loop(job, outer[i], e, lambda e2: fill(e2, i + 1))
             return
-        ext = dict(e.ext)
-        ext.update({f: nom[f], part: nom[part], g: span})
         with lw.level():
-            keep, lw.keep = lw.keep, len(lw.memo) - 1
-            try:
-                T = lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep, depth=lw.keep)
-            finally:
-                lw.keep = keep
+            T, ext = rows(e)
             memo[lw.operand_key(ld, part, deps, e, ext)] = slot_val
-            unroll = n_rows <= 16   # few slots: their PSUM copies alternate act / dve
-            k = [0]
+            transposes(T, ext, e)
 
-            def each(e2, j=0):
-                if j < len(row_slots):
-                    u = row_slots[j]
-                    if unroll:
-                        for c in range(nom[u]):
-                            each(e2.bind(u, Lin(c), **{u: 1}), j + 1)
-                    else:
-                        lw.bind_loop(job, u, e2, lambda e3: each(e3, j + 1))
-                    return
-                b = T.base
-                for u in row_slots:
-                    b = b + e2.lin[u].scale(ix.coef(u) * ITEMSIZE[T.dtype])
-                nat = Val("sbuf", b, (part,), (1,), T.dtype, T.name)
-                lw.transpose_into(nat, slot_val(e2), part, f, ext, e2,
-                                  ("act", "dve")[k[0] % 2] if unroll else "act")
-                k[0] += 1
-            each(e)
+    n_out = 1
+    for u in outer:
+        n_out *= nom[u]
+    if outer and n_out <= INTERLEAVE_MAX:
+        # Few outer iterations (query tiles): each tile's rows are generated on their own
+        # (own buffers, no shared memo) and the instruction streams interleaved, so the
+        # in-order engines alternate between independent softmax chains instead of running
+        # one chain's steps back to back; then every tile's slots are transposed. Every
+        # buffer a stream allocates stays reserved until the end: once interleaved, a later
+        # stream must not reuse space an earlier one still reads.
+        level, done = len(lw.memo), []
+        for combo in itertools.product(*(range(nom[u]) for u in outer)):
+            e = env
+            for u, c in zip(outer, combo):
+                e = e.bind(u, Lin(c), **{u: 1})
+            lw.body.append([])
+            lw.memo.append({})
+            first = len(lw.buffers)
+            T, ext = rows(e)
+            live = {x[3] for x in lw.live}
+            lw.live += [(b.mem, b.offset, b.size, b.name, level) for b in lw.buffers[first:]
+                        if b.name not in live]
+            done.append((lw.body.pop(), T, ext, e))
+            lw.memo.pop()
+        lw.body[-1].extend(_interleave([b for b, *_ in done]))
+        rows_t = {T.name for _, T, *_ in done}    # after the streams, only the rows are read
+        lw.live[:] = [x for x in lw.live if x[4] < level or x[3] in rows_t]
+        lw.memo.append({})
+        for _, T, ext, e in done:
+            transposes(T, ext, e)
+        lw.memo.pop()
+        lw.live[:] = [x for x in lw.live if x[4] < level]
+        memo[lw.operand_key(ld, part, deps, env, done[0][2])] = slot_val
+        return True
     fill(env)
     return True
+
+
+def _interleave(streams: list) -> list:
+    """Round-robin merge of independent instruction streams (each keeps its order)."""
+    out, its = [], [iter(s) for s in streams]
+    while its:
+        for it in list(its):
+            x = next(it, None)
+            if x is None:
+                its.remove(it)
+            else:
+                out.append(x)
+    return out
 
 
 def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot_elems: int,
