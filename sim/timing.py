@@ -143,6 +143,10 @@ I_COLS = 8
 (O_MODE, O_BASE, O_CBASE, O_GSH, O_E, O_NCOL, O_KIND, O_MASK, O_G, O_RUNS, O_PITCH, O_DYN,
  O_ROWS, O_RB, O_RBSH, O_SPAN, O_NROWS) = range(17)
 M_NONE, M_FAST, M_FULL = 0, 1, 2
+# address term columns: the loop's code row, byte coefficient, mod (0: none), mod - 1 for a
+# power-of-two mod else -1, operand, contribution at the loop's last iteration
+T_LOOP, T_COEF, T_MOD, T_MASK, T_OP, T_LAST = range(6)
+T_COLS = 6
 O_COLS = 17
 K_READ, K_WRITE_WAR, K_WRITE = 0, 1, 2      # operand kinds (a write needs WAR checks only if
                                             # some instruction reads its region)
@@ -461,8 +465,7 @@ class Flat:
     code: np.ndarray        # [n, 6] (kind, level | instr id, extent, jump pc, loop's terms)
     itab: np.ndarray        # [instrs, I_COLS]
     otab: np.ndarray        # [operands, O_COLS]
-    terms: np.ndarray       # [terms, 5] (loop's code row, byte coefficient, mod (0: none),
-                            #  mod-1 mask or -1, operand), grouped by loop
+    terms: np.ndarray       # [terms, T_COLS], grouped by loop
     depth: int
     n_cells: int
     max_segs: int           # most cell segments one instruction can touch
@@ -594,8 +597,10 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
                 if coef == 0 or mod == 1:
                     continue                # the term is always 0
                 # x % mod == x & (mod - 1) for a power-of-two mod (saves a division)
+                ext = scope[lvl][1]
+                last = coef * fp.scale * (((ext - 1) % mod) if mod else ext - 1)
                 trows.append((scope[lvl][2], coef * fp.scale, mod,
-                              mod - 1 if mod and mod & (mod - 1) == 0 else -1, len(orows)))
+                              mod - 1 if mod and mod & (mod - 1) == 0 else -1, len(orows), last))
             runs, mask = fp.runs, 0
             if fp.dyn:
                 # segments: one per row block and run (a wrapped access is one full-row run)
@@ -631,7 +636,7 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
         code=np.array(code, dtype=np.int64).reshape(-1, 6),
         itab=np.array(irows, dtype=np.int64).reshape(-1, I_COLS),
         otab=np.array(orows, dtype=np.int64).reshape(-1, O_COLS),
-        terms=np.array(trows, dtype=np.int64).reshape(-1, 5),
+        terms=np.array(trows, dtype=np.int64).reshape(-1, T_COLS),
         depth=depth, n_cells=max(n_cells, 1), max_segs=max_segs,
         instrs=[x[0] for x in statics], costs=[x[1] for x in statics],
         counts=np.array(counts, dtype=np.int64))
@@ -698,7 +703,6 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
         bin_sh += 1
     iv = np.zeros(max(depth, 1), np.int64)
     addr = otab[:, O_BASE].copy()               # operand byte addresses, kept up to date
-    cur = np.zeros(terms.shape[0], np.int64)    # each term's current contribution
     sfree = np.zeros(n_streams, np.int64)
     busy = np.zeros(n_streams, np.int64)
     port_sbuf = 0
@@ -925,10 +929,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
             pc += 1
         elif kind == LOOP_BEGIN:
             lvl = code[pc, 1]
-            iv[lvl] = 0
-            for k in range(code[pc, 4], code[pc, 5]):   # the loop's terms restart at 0
-                addr[terms[k, 4]] -= cur[k]
-                cur[k] = 0
+            iv[lvl] = 0                             # (the loop's terms are 0 here)
             if code[pc, 2] <= 0:
                 pc = code[pc, 3] + 1
             else:
@@ -938,18 +939,22 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
             x = iv[lvl] + 1
             iv[lvl] = x
             if x < code[pc, 2]:
-                for k in range(code[pc, 4], code[pc, 5]):   # update the loop's terms
-                    y = x
-                    if terms[k, 2] != 0:
-                        if terms[k, 3] >= 0:
-                            y = x & terms[k, 3]
+                for k in range(code[pc, 4], code[pc, 5]):   # step the loop's terms
+                    if terms[k, T_MOD] == 0:
+                        addr[terms[k, T_OP]] += terms[k, T_COEF]
+                    else:
+                        if terms[k, T_MASK] >= 0:
+                            y = x & terms[k, T_MASK]
                         else:
-                            y = x % terms[k, 2]
-                    v = terms[k, 1] * y
-                    addr[terms[k, 4]] += v - cur[k]
-                    cur[k] = v
+                            y = x % terms[k, T_MOD]
+                        if y == 0:                  # wrapped
+                            addr[terms[k, T_OP]] -= terms[k, T_COEF] * (terms[k, T_MOD] - 1)
+                        else:
+                            addr[terms[k, T_OP]] += terms[k, T_COEF]
                 pc = code[pc, 3] + 1
             else:
+                for k in range(code[pc, 4], code[pc, 5]):   # back to 0 for the next entry
+                    addr[terms[k, T_OP]] -= terms[k, T_LAST]
                 pc += 1
     for g8 in range(gmin * S_COLS, gmax * S_COLS):   # leave the scratch clean for the next run
         st[g8] = 0

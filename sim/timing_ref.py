@@ -3,7 +3,7 @@
 Used by the tests to check the Numba core: it walks the loop tree recursively with a dict
 of loop variables, evaluates each operand's `Addr` with `Addr.eval`, enumerates its cells
 (row blocks x column granules, row masks from the set of rows) into dicts and keeps the
-model's state in dicts; the HBM channel is a dict-free ring walked bin by bin. Only the static per-instruction
+model's state in dicts; the HBM channel is a ring of bins (lists) walked bin by bin. Only the static per-instruction
 rules (issue intervals, latencies, DMA byte counts: `timing.instr_cost`) and the static
 footprint geometry (`timing.footprint`) are shared with the fast path, so the loop
 expansion, address arithmetic, dependency tracking, DMA / HBM-channel model and the
