@@ -12,7 +12,10 @@ channels: the channels go on the partitions and the taps accumulate on the vecto
 """
 from __future__ import annotations
 
+import math
+
 import tensorlang as tl
+from tensorlang.ir import ITEMSIZE
 
 from ._library import KernelFn, fit
 from .matmul import ext
@@ -81,7 +84,7 @@ depthwise_algo.name = "depthwise_conv2d"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 2}
+DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 2, "wt_kib": 48}
 
 
 def _even(n: int, want: int) -> int:
@@ -119,7 +122,11 @@ def template(s, cfg):
     s.tensorize(ci, "matmul")
     if cfg["pipe"] > 1 and ext(s, co) > 1:
         s.pipeline(co, cfg["pipe"])
-    s.cache_read("Wt", "sbuf", oo)   # natural rows [o, c*kh*kw], transposed per tap on chip
+    # weights: natural rows [o, c*kh*kw] loaded whole and transposed per tap on chip; all of
+    # them up front (both output blocks' rows load at once) when they take little SBUF
+    wt = s.prog.tensors["Wt"]
+    per_partition = math.prod(wt.shape) * ITEMSIZE[wt.dtype] // 128
+    s.cache_read("Wt", "sbuf", n if per_partition <= cfg["wt_kib"] * 1024 else oo)
     if len(s.prog.stages) > 1:  # the zero-padded input, computed on chip per channel step
         s.compute_at("Xp", co)
     else:                       # one window box per channel step, shared by the taps
