@@ -6,8 +6,9 @@
    best-of-N is within 2% of the optimum, the median gap, and the Willemsen-style score
    (found - random) / (optimum - random), where `random` is the expected best of N uniform
    draws from the measured space (computed exactly from the exhaustive table).
-   The budget N counts distinct configs measured (a repeated proposal is re-asked, not
-   counted); "proposals" counts every ask, repeats included.
+   The budget N counts distinct configs measured (a repeated proposal is not measured or
+   counted; its slot goes to a step outside the sampler); "proposals" counts the study's
+   trials, repeats included.
 2. Tuning a 2048^3 (--size) bf16 matmul on trn2 from the generated space (template=None): roofline
    fraction reached (and the library's expert template for reference), the per-candidate
    cost, and the convergence plot benchmarks/tuner_<size>.png.
@@ -120,7 +121,7 @@ def efficiency(seeds: int, variants: list[str], fracs=(0.05, 0.10)):
 
 
 def _asked(r) -> int:
-    """Trials the sampler was asked for, duplicates included (numbers are 0..last)."""
+    """Trials in the study, repeated proposals included (numbers are 0..last)."""
     return max(t.number for t in r.trials) + 1
 
 
