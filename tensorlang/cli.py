@@ -288,7 +288,7 @@ def cmd_tune(args):
 def _add_tune(p):
     _add_target(p)
     p.add_argument("--shapes", dest="shape", help=argparse.SUPPRESS)
-    p.add_argument("--trials", type=int, default=300, help="total trials of the study (default 300)")
+    p.add_argument("--trials", type=int, default=300, help="distinct configs to measure (repeated proposals do not count; default 300)")
     p.add_argument("--sampler", default="tpe", help="tpe (default), random, grid, cmaes, gp")
     p.add_argument("--storage", default=None,
                    help="study storage: a journal file path or an Optuna URL (sqlite:///..., "
