@@ -10,6 +10,8 @@ buffered, and an fp32 row softmax, double buffered).
     time.
   * Numba core vs the pure-Python model (`sim.timing_ref.simulate_ref`) on the same, smaller
     programs (the Python model takes a few seconds on them): both rates and their ratio.
+  * The simulator's share of one tuning candidate (issue 4): flatten / core / report of
+    `simulate()` for the 2048^3 bf16 hand matmul of benchmarks/bench_schedule.py.
 
 Medians over repeats (CPU time of this thread, so other processes on a shared machine
 disturb the figures less), all measured in one run. --write replaces the section
@@ -28,23 +30,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sim import examples, machine  # noqa: E402
-from sim.timing import flatten, run_core  # noqa: E402
+from sim import examples, machine, timing  # noqa: E402
+from sim.timing import flatten, make_report, run_core  # noqa: E402
 from sim.timing_ref import simulate_ref  # noqa: E402
 
 SECTION = "## Timing simulator (issue 3)"
 NOTES = """\
-Where the core's time goes (ablation of copies of `_core` with one part removed, on the
-4096x8192x8192 matmul / 131072x1024 softmax, trn2; 2026-11-26, noisy shared machine): the
-HBM-channel bin walk of DMAs ~40% of the matmul (every load spans ~25 partly-used 1 us bins,
-since 16 queues at 23 B/ns slightly oversubscribe the 362.5 GB/s channel; no bin is ever
-full, so there is nothing to skip), granule def-use checks/updates ~15-25% of the matmul
-and ~70% of the softmax (a 128-row HBM store touches 128 granules), address evaluation and
-footprint segments ~20%, bytecode dispatch and bookkeeping ~15%. LLVM auto-vectorisation
-of the granule loops made the core ~25% slower in one run with NUMBA_LOOP_VECTORIZE=0
-(not applied: it is a process-wide setting). Reaching 20 M/s needs a different state
-representation (per-tile instead of per-granule def-use, coarser channel accounting),
-i.e. a model change, not a tuning of this core."""
+Model change behind these figures (2026-11-26, issue 3): def-use is tracked per cell =
+(block of 128 rows with a mask of 4-row sub-blocks) x (granule of a row's bytes), HBM
+tensors as rows like SBUF partitions, so a [128 x 512] HBM tile is 1-2 cells instead of
+128 per-row granules; the HBM channel reserves each transfer's time first come first served
+from its start bin (O(1) when uncontended) instead of spreading it bin by bin at the queue
+rate (~25 bins per strided load before). In the core: operand addresses are stepped with
+their loops (terms grouped by loop), static on-chip operands take a one-segment fast path,
+and no helper taking arrays is called per instruction (Numba's refcounting made each such
+call ~200 ns). The figures swing by 2x with the load of this shared 2-core machine (load
+average 4-6 during these runs): alternating runs of the previous core (commit cb4bc29) and
+this one in one session, best of 3 (`min` of 3 repeats each, full-size programs): matmul
+4.5 -> 10.7 M/s, softmax 9.1 -> 10.8 M/s; at a quieter moment (best of 2 x 15 repeats)
+this core ran both full-size programs at ~18 M/s. Ablations (same machine, +-30%): without
+any operand work (address, segments, def-use) the softmax runs at ~50 M/s: its 15 tracked
+operands per 7 instructions (def-use check ~8 ns, update ~13 ns, address + segment ~9 ns
+per instruction) are what is left between this core and 20 M/s under load; the matmul's
+cost is spread over its DMAs' channel reservations and operands."""
 TARGET_RATE, TARGET_RATIO = 20e6, 50.0
 
 # (label, builder): large programs for the Numba core, small ones for the Python comparison
@@ -96,6 +104,40 @@ def time_ref(prog, spec, repeats: int) -> dict:
     return {"instructions": n, "time_s": t, "rate": n / t}
 
 
+def time_candidate(repeats: int) -> dict:
+    """The simulator's share of one tuning candidate: `simulate()` of the 2048^3 bf16 hand
+    matmul of benchmarks/bench_schedule.py, split into flatten (fresh program objects, as
+    each candidate is a new lowering; with the per-machine instruction cache cold and warm),
+    the Numba core and the report. Median ms."""
+    sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+    import tensorlang as tl  # noqa: PLC0415
+    from bench_schedule import hand_matmul  # noqa: PLC0415
+    from matmul import matmul  # noqa: PLC0415
+    spec = machine("trn2")
+    p = matmul.trace(tl.spec((2048, 2048), "bfloat16"), tl.spec((2048, 2048), "bfloat16"))
+    progs = [hand_matmul(p).build("trn2").program for _ in range(repeats)]
+    flat = flatten(progs[0], spec)
+    res = run_core(flat, spec)
+    parts = {"flatten (cold cache)": [], "flatten (warm cache)": [], "core": [], "report": []}
+    for prog in progs:
+        timing._CACHES.clear()
+        t0 = clock()
+        flatten(prog, spec)
+        t1 = clock()
+        flat = flatten(prog, spec)
+        t2 = clock()
+        res = run_core(flat, spec)
+        t3 = clock()
+        make_report(prog, spec, flat, *res[:4])
+        t4 = clock()
+        for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[k].append(dt * 1e3)
+    out = {k: statistics.median(v) for k, v in parts.items()}
+    out["instructions"] = int(res[3])
+    out["static"] = len(flat.instrs)
+    return out
+
+
 def fmt_rate(r: float) -> str:
     return f"{r / 1e6:,.2f} M/s" if r >= 1e5 else f"{r / 1e3:,.1f} k/s"
 
@@ -134,6 +176,18 @@ def run(args) -> str:
         out.append(f"| {label} | {nb['instructions']:,} | {fmt_rate(nb['rate'])} | "
                    f"{fmt_rate(py['rate'])} | {ratios[-1]:,.0f}x |")
         print(out[-1], flush=True)
+
+    c = time_candidate(max(args.repeats, 15))
+    warm = c["flatten (warm cache)"] + c["core"] + c["report"]
+    out += ["", f"The simulator's share of one tuning candidate (`simulate()` of the 2048^3 bf16 "
+            f"hand matmul of bench_schedule.py: {c['static']} static, {c['instructions']:,} "
+            f"dynamic instructions; fresh program objects; median of {max(args.repeats, 15)}, "
+            "thread CPU time):", "",
+            "| flatten, cache cold | flatten, cache warm | core | report | simulate (warm) |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {c['flatten (cold cache)']:.2f} ms | {c['flatten (warm cache)']:.2f} ms | "
+            f"{c['core']:.2f} ms | {c['report']:.2f} ms | {warm:.2f} ms |"]
+    print(out[-1], flush=True)
 
     lo_rate, lo_ratio = min(large_rates), min(ratios)
     met = lambda ok: "met" if ok else "**not met**"  # noqa: E731

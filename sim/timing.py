@@ -1006,17 +1006,17 @@ def make_report(program: Program, spec: MachineSpec, flat: Flat, total_ps: int, 
     """Assemble a Report from the static tables and the simulated totals."""
     names = stream_names(spec)
     total_ps = int(total_ps)
-    cnt = flat.counts
     costs = flat.costs
-
-    def tot(attr):
-        return int(sum(int(getattr(c, attr)) * int(n) for c, n in zip(costs, cnt)))
-
-    flops = tot("flops")
+    flops = hbm_r = hbm_w = sbuf_b = psum_b = 0
     mm_time_s = 0.0
-    for c, n in zip(costs, cnt):
+    for c, n in zip(costs, flat.counts.tolist()):
+        flops += c.flops * n
+        hbm_r += c.hbm_read * n
+        hbm_w += c.hbm_write * n
+        sbuf_b += c.sbuf_bytes * n
+        psum_b += c.psum_bytes * n
         if c.mm_flops:
-            mm_time_s += c.mm_flops * int(n) / spec.peak_flops(c.mm_dtype)
+            mm_time_s += c.mm_flops * n / spec.peak_flops(c.mm_dtype)
     compulsory = sum(itemsize(t.dtype) * math.prod(t.shape) for t in program.tensors
                      if t.kind in ("input", "output"))
     mem_time_s = compulsory / (spec.dma_gbps * 1e9)
@@ -1035,8 +1035,7 @@ def make_report(program: Program, spec: MachineSpec, flat: Flat, total_ps: int, 
         program=program.name, machine=spec.name,
         cycles=int(round(total_ps * spec.pe_clock_ghz / 1000.0)),
         time_ns=total_ps / 1e3, time_us=time_us, engine_busy=busy_pct,
-        bytes_moved={"hbm_read": tot("hbm_read"), "hbm_write": tot("hbm_write"),
-                     "sbuf": tot("sbuf_bytes"), "psum": tot("psum_bytes")},
+        bytes_moved={"hbm_read": hbm_r, "hbm_write": hbm_w, "sbuf": sbuf_b, "psum": psum_b},
         flops=flops, instructions=int(ndyn), roofline_us=roof_us,
         roofline_fraction=min(1.0, roof_us / time_us) if time_us > 0 else 1.0,
         bound="compute" if mm_time_s >= mem_time_s else "memory", _trace=trace)
