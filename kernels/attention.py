@@ -107,7 +107,7 @@ def _output(s, cfg):
 
 def template(s, cfg):
     """Flash-style: everything but Q, K, V and O stays on chip. Inside O's query-tile loop
-    the scores S = Q K^T of the tile's 128 rows against every key (one PSUM tile, on the
+    the scores S = Q K^T of the tile's 128 rows against every key (one PSUM row, on the
     systolic array), the logits, the row max, exp, row sum and P are computed in the rows'
     own layout (queries on the partitions) and P is transposed per key block for O = P V.
     `qi` query tiles share one fill (their softmax chains interleave on the engines) when
@@ -116,7 +116,8 @@ def template(s, cfg):
     at = io
     bank = sim.machine(s.machine).psum_bank_bytes
     qi = divisor(ext(s, io), cfg["qi"])
-    if qi > 1 and s.prog.tensors["K"].shape[1] * 4 <= bank:
+    sq, sk = s.prog.tensors["Q"].shape[1], s.prog.tensors["K"].shape[1]
+    if qi > 1 and sk * 4 <= bank and sq % _even(sq, cfg["qt"]) == 0:   # io: no tail split
         at, _ = s.split(io, qi)
     for st in ("P", "total", "E", "mx", "L", "S"):
         s.compute_at(st, at)

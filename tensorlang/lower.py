@@ -2069,7 +2069,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
     if lw.sched.state.get(producer.name).tensorized:
         return False
     f = deps[0]
-    for u in (part, f, *slots):
+    for u in (part, *slots):    # M (f) may have a tail: each fill takes its extent there
         sp = job.split_of.get(u)
         if (sp is not None and sp.tail) or u in job.unroll:
             return False
@@ -2097,7 +2097,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
         """The producer's rows at this iteration of the outer slot loops (kept level: the
         memo level just pushed)."""
         ext = dict(e.ext)
-        ext.update({f: nom[f], part: nom[part], g: span})
+        ext.update({f: lw.ext_of(job, f, e), part: nom[part], g: span})
         keep, lw.keep = lw.keep, len(lw.memo) - 1
         try:
             return lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep, depth=lw.keep), ext

@@ -370,7 +370,8 @@ def test_compute_at_of_a_stage_reading_a_padded_tensor():
 
 
 @pytest.mark.parametrize("shape,causal", [((2, 256, 512, 64), True), ((1, 200, 200, 32), True),
-                                          ((2, 128, 384, 128), False), ((1, 128, 1024, 64), False)])
+                                          ((2, 128, 384, 128), False), ((1, 128, 1024, 64), False),
+                                          ((2, 260, 256, 32), False)])
 def test_attention_flash_template_keeps_everything_on_chip(shape, causal):
     """Scores, logits, row statistics and P are computed inside O's query-tile loop in the
     query rows' layout (P transposed per key block for O = P V): only Q, K, V and O touch HBM."""
