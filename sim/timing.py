@@ -484,7 +484,7 @@ def _shift(n: int) -> int:
     return n.bit_length() - 1 if n > 0 and n & (n - 1) == 0 else -1
 
 
-_CACHES: dict = {}              # id(spec) -> (spec, {Instr: (Cost, footprints)})
+_CACHES: dict = {}      # id(spec) -> (spec, {Instr: (Cost, footprints, tensors)}, {AP: Footprint})
 CACHE_CAP = 100_000
 
 
@@ -497,7 +497,7 @@ def _static(ins: Instr, spec: MachineSpec, program: Program, regs: dict, decls: 
     if ent is None or ent[0] is not spec:
         if len(_CACHES) >= 16:
             _CACHES.clear()
-        ent = _CACHES[id(spec)] = (spec, {})
+        ent = _CACHES[id(spec)] = (spec, {}, {})
     cache = ent[1]
     hit = cache.get(ins)
     if hit is not None:
@@ -506,7 +506,18 @@ def _static(ins: Instr, spec: MachineSpec, program: Program, regs: dict, decls: 
         if all(metas.get(n) == m for n, m in used):
             return c, fps
     c = instr_cost(ins, spec)
-    fps = tuple(footprint(ap, program, spec, regs, decls) for ap in c.reads + c.writes)
+    fpc = ent[2]
+    fps = []
+    for ap in c.reads + c.writes:
+        key = (ap, metas.get(ap.name)) if ap.mem == "hbm" else ap
+        fp = fpc.get(key)
+        if fp is None:
+            fp = footprint(ap, program, spec, regs, decls)
+            if len(fpc) >= CACHE_CAP:
+                fpc.clear()
+            fpc[key] = fp
+        fps.append(fp)
+    fps = tuple(fps)
     used = tuple((ap.name, metas[ap.name]) for ap in c.reads + c.writes if ap.mem == "hbm")
     if len(cache) >= CACHE_CAP:
         cache.clear()
