@@ -45,14 +45,18 @@ rate (~25 bins per strided load before). In the core: operand addresses are step
 their loops (terms grouped by loop), static on-chip operands take a one-segment fast path,
 and no helper taking arrays is called per instruction (Numba's refcounting made each such
 call ~200 ns). The figures swing by 2x with the load of this shared 2-core machine (load
-average 4-6 during these runs): alternating runs of the previous core (commit cb4bc29) and
-this one in one session, best of 3 (`min` of 3 repeats each, full-size programs): matmul
-4.5 -> 10.7 M/s, softmax 9.1 -> 10.8 M/s; at a quieter moment (best of 2 x 15 repeats)
-this core ran both full-size programs at ~18 M/s. Ablations (same machine, +-30%): without
-any operand work (address, segments, def-use) the softmax runs at ~50 M/s: its 15 tracked
-operands per 7 instructions (def-use check ~8 ns, update ~13 ns, address + segment ~9 ns
-per instruction) are what is left between this core and 20 M/s under load; the matmul's
-cost is spread over its DMAs' channel reservations and operands."""
+average 2-6 during these runs; thread CPU time includes the hypervisor's steal). Same
+session, alternating runs of the previous core (commit cb4bc29) and this one on the
+full-size programs above (best of 3 runs, each the min of 3 repeats, load ~2.5): matmul
+4.66 -> 13.03 M/s (2.8x), softmax 8.49 -> 12.73 M/s (1.5x); at quieter moments this core
+ran both at ~18 M/s. Ablations (same machine, +-30%): without any operand work (address,
+segments, def-use) the softmax runs at ~50 M/s: its 15 tracked on-chip operands per 7
+instructions (def-use check ~8 ns, update ~13 ns, address + segment ~9 ns per instruction)
+are what stands between this core and 20 M/s; the matmul's cost is spread over its DMAs'
+channel reservations and its operands. flatten of the candidate before this change (same
+session, fresh program objects): 1.9-2.3 ms; now the same cold, 0.4-0.7 ms warm (an
+instruction seen before by value; ~28% of a tuner's instructions across tile-size changes
+of this schedule, more across loop-order / caching changes)."""
 TARGET_RATE, TARGET_RATIO = 20e6, 50.0
 
 # (label, builder): large programs for the Numba core, small ones for the Python comparison
