@@ -196,7 +196,10 @@ def _ps(cycles: float, ghz: float) -> int:
 
 
 def _bytes(ap: AP) -> int:
-    return ap.num_elements * itemsize(ap.dtype)
+    n = ITEMSIZE.get(ap.dtype) or itemsize(ap.dtype)
+    for _, size in ap.dims:
+        n *= size
+    return n
 
 
 def _strided(ap: AP, spec: MachineSpec) -> bool:
@@ -260,18 +263,24 @@ def instr_cost(ins: Instr, spec: MachineSpec) -> Cost:
     writes = (ins.dst,) + ((ins.dst2,) if ins.dst2 is not None else ())
     reads = tuple(ins.srcs)
     ops = reads + writes
-    sbuf_b = sum(_bytes(a) for a in ops if a.mem == "sbuf")
-    psum_b = sum(_bytes(a) for a in ops if a.mem == "psum")
+    nbytes = [_bytes(a) for a in ops]
+    sbuf_b = psum_b = 0
+    for a, nb in zip(ops, nbytes):
+        if a.mem == "sbuf":
+            sbuf_b += nb
+        elif a.mem == "psum":
+            psum_b += nb
     flops = mm_flops = 0
     mm_dtype = None
     if op == "dma":
         src, dst = ins.srcs[0], ins.dst
-        b = max(_bytes(src), _bytes(dst))
+        b_src, b_dst = nbytes[0], nbytes[-1]
+        b = max(b_src, b_dst)
         chunks = max(contiguous_runs(src), contiguous_runs(dst))
         q_ps = math.ceil((b + chunks * spec.dma_chunk_overhead_bytes) * 1000.0
                          / spec.dma_queue_gbps - 1e-6)
-        hb_r = _bytes(src) if src.mem == "hbm" else 0
-        hb_w = _bytes(dst) if dst.mem == "hbm" else 0
+        hb_r = b_src if src.mem == "hbm" else 0
+        hb_w = b_dst if dst.mem == "hbm" else 0
         h_ps = math.ceil((hb_r + hb_w) * 1000.0 / spec.hbm_gbps - 1e-6) if hb_r + hb_w else 0
         lat = round(spec.dma_fixed_ns * 1000)
         return Cost(stream, max(1, q_ps), lat, True, h_ps, 0, reads, writes, 0, 0, None,
