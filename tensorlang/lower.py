@@ -2119,8 +2119,8 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
                 return
             b = T.base
             for u in row_slots:
-                b = b + e2.lin[u].scale(ix.coef(u) * ITEMSIZE[T.dtype])
-            nat = Val("sbuf", b, (part,), (1,), T.dtype, T.name)
+                b = b + e2.lin[u].scale(ix.coef(u) * T.strides[0] * ITEMSIZE[T.dtype])
+            nat = Val("sbuf", b, (part,), T.strides, T.dtype, T.name)
             lw.transpose_into(nat, slot_val(e2), part, f, ext, e2,
                               ("act", "dve")[k[0] % 2] if unroll else "act")
             k[0] += 1
