@@ -494,7 +494,7 @@ def _shift(n: int) -> int:
 
 
 _CACHES: dict = {}      # id(spec) -> (spec, {Instr: (Cost, footprints, tensors)}, {AP: Footprint})
-CACHE_CAP = 100_000
+CACHE_CAP = 20_000
 
 
 def _static(ins: Instr, spec: MachineSpec, program: Program, regs: dict, decls: dict,

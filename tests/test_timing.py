@@ -486,3 +486,22 @@ def test_models_agree_with_a_tiny_bin_ring(case):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(timing, "HBM_RING_BINS", 8)
         assert_models_agree(prog, spec.replace(hbm_bin_ns=1.0, hbm_gbps=3.0))
+
+
+def test_static_cache_is_keyed_by_tensor_shape():
+    # the same instructions over a tensor of another row length have other footprints:
+    # a warm per-machine cache must give what a cold one gives
+    def prog(shape):
+        body = tuple(Instr.make("dma", f"q{q}",
+                                AP("hbm", "C", "float32", Addr(q * 16384), ((512, 32), (1, 512))),
+                                [AP("sbuf", "c", "float32", Addr(0), ((1, 32), (1, 512)), 32 * q)])
+                     for q in range(4))
+        return Program("p", (TensorDecl("C", shape, "float32", "output"),), body)
+
+    a, b = prog((128, 512)), prog((4, 16384))   # 32 rows per store / one row per store
+    timing._CACHES.clear()
+    cold = core_records(b, TRN2)
+    assert core_records(a, TRN2)[0] < cold[0]    # a's stores are parallel, b's serial
+    warm = core_records(b, TRN2)
+    assert warm[0] == cold[0] and warm[4] == cold[4]
+    assert_models_agree(b, TRN2)
