@@ -69,11 +69,46 @@ class Loc:
 # index expressions: affine forms of loop variables
 
 
-@dataclass(frozen=True)
+def _merge_terms(a: tuple, b: tuple) -> tuple:
+    """The sum of two canonical term tuples (sorted by name, coefficients nonzero) in one
+    merge pass, zero sums dropped: the result is canonical too."""
+    if not b:
+        return a
+    if not a:
+        return b
+    if a[-1][0] < b[0][0]:
+        return a + b
+    if b[-1][0] < a[0][0]:
+        return b + a
+    out, i, j, na, nb = [], 0, 0, len(a), len(b)
+    while i < na and j < nb:
+        va, vb = a[i][0], b[j][0]
+        if va == vb:
+            c = a[i][1] + b[j][1]
+            if c:
+                out.append((va, c))
+            i += 1
+            j += 1
+        elif va < vb:
+            out.append(a[i])
+            i += 1
+        else:
+            out.append(b[j])
+            j += 1
+    return tuple(out) + a[i:] + b[j:]
+
+
+@dataclass(frozen=True, init=False)
 class Affine:
-    """const + sum(coef * var). `terms` is sorted by variable name, coefficients nonzero."""
+    """const + sum(coef * var). `terms` is sorted by variable name, coefficients nonzero
+    (canonical, so arithmetic merges sorted term tuples and never re-sorts)."""
     terms: tuple[tuple[str, int], ...] = ()
     const: int = 0
+
+    def __init__(self, terms: tuple[tuple[str, int], ...] = (), const: int = 0):
+        d = self.__dict__       # frozen, but built on the lowering hot path: no __setattr__
+        d["terms"] = terms
+        d["const"] = const
 
     @staticmethod
     def var(name: str) -> "Affine":
@@ -100,20 +135,25 @@ class Affine:
     def __add__(self, other: "Affine | int") -> "Affine":
         if isinstance(other, int):
             return Affine(self.terms, self.const + other)
-        d = dict(self.terms)
-        for v, c in other.terms:
-            d[v] = d.get(v, 0) + c
-        return Affine.make(d, self.const + other.const)
+        return Affine(_merge_terms(self.terms, other.terms), self.const + other.const)
 
     def scale(self, k: int) -> "Affine":
-        return Affine.make({v: c * k for v, c in self.terms}, self.const * k)
+        if k == 0:
+            return Affine((), 0)
+        return Affine(tuple((v, c * k) for v, c in self.terms), self.const * k)
 
     def substitute(self, mapping: dict[str, "Affine"]) -> "Affine":
         """Replace variables by affine forms (used by split/fuse: i -> io*f + ii)."""
-        out = Affine.constant(self.const)
-        for v, c in self.terms:
-            out = out + (mapping[v].scale(c) if v in mapping else Affine(((v, c),), 0))
-        return out
+        const, d = self.const, {}
+        for v, c in self.terms:                   # one sum, sorted once
+            m = mapping.get(v)
+            if m is None:
+                d[v] = d.get(v, 0) + c
+                continue
+            const += m.const * c
+            for u, k in m.terms:
+                d[u] = d.get(u, 0) + k * c
+        return Affine(tuple(sorted((u, k) for u, k in d.items() if k)), const)
 
     def bounds(self, extents: dict[str, int]) -> tuple[int, int]:
         """Inclusive (min, max) over 0 <= var < extents[var]."""

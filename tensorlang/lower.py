@@ -53,22 +53,42 @@ INTERLEAVE_MAX = 2      # compiler choice: query tiles of a transposed fill whos
 # affine values over ISA loop variables
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Lin:
     const: int = 0
-    terms: tuple[tuple[str, int, int], ...] = ()  # (isa var, coef, mod)
+    terms: tuple[tuple[str, int, int], ...] = ()  # (isa var, coef, mod), sorted by (var, mod)
+
+    def __init__(self, const: int = 0, terms: tuple[tuple[str, int, int], ...] = ()):
+        d = self.__dict__       # frozen, but built on the lowering hot path: no __setattr__
+        d["const"] = const
+        d["terms"] = terms
 
     def __add__(self, o: "Lin | int") -> "Lin":
         if isinstance(o, int):
             return Lin(self.const + o, self.terms)
-        if not o.terms:                       # terms are kept canonical: nothing to merge
-            return Lin(self.const + o.const, self.terms)
-        if not self.terms:
-            return Lin(self.const + o.const, o.terms)
-        d: dict = {}
-        for v, c, m in self.terms + o.terms:
-            d[(v, m)] = d.get((v, m), 0) + c
-        return Lin(self.const + o.const, tuple((v, c, m) for (v, m), c in sorted(d.items()) if c))
+        a, b = self.terms, o.terms
+        if not b:                             # terms are kept canonical: nothing to merge
+            return Lin(self.const + o.const, a)
+        if not a:
+            return Lin(self.const + o.const, b)
+        if (a[-1][0], a[-1][2]) < (b[0][0], b[0][2]):
+            return Lin(self.const + o.const, a + b)
+        out, i, j = [], 0, 0                  # merge the two sorted tuples
+        while i < len(a) and j < len(b):
+            ka, kb = (a[i][0], a[i][2]), (b[j][0], b[j][2])
+            if ka == kb:
+                c = a[i][1] + b[j][1]
+                if c:
+                    out.append((ka[0], c, ka[1]))
+                i += 1
+                j += 1
+            elif ka < kb:
+                out.append(a[i])
+                i += 1
+            else:
+                out.append(b[j])
+                j += 1
+        return Lin(self.const + o.const, tuple(out) + a[i:] + b[j:])
 
     def scale(self, k: int) -> "Lin":
         if k == 0:
@@ -783,24 +803,37 @@ class Lowerer:
 
     def split_affine(self, a: Affine, env: Env) -> Lin:
         """The part of `a` bound to loop values (tile atoms are excluded by the caller)."""
-        out = Lin(a.const)
-        for v, c in a.terms:
-            if v in env.lin:
-                out = out + env.lin[v].scale(c)
-        return out
+        lin, const, d = env.lin, a.const, {}
+        for v, c in a.terms:                      # one sum, sorted once (Lin terms are canonical)
+            x = lin.get(v)
+            if x is not None:
+                const += x.const * c
+                for u, k, m in x.terms:
+                    d[u, m] = d.get((u, m), 0) + k * c
+        return Lin(const, tuple((u, k, m) for (u, m), k in sorted(d.items()) if k) if d else ())
 
     def hbm_ap(self, tensor, index, part, free, env, ext) -> isa.AP:
+        off, dims = self.hbm_offset_dims(tensor, index, part, free, env, ext)
+        return isa.AP("hbm", tensor, self.tensors[tensor].dtype, off, dims)
+
+    def hbm_offset_dims(self, tensor, index, part, free, env, ext) -> tuple:
+        """(offset, dims) of hbm_ap: the tile atoms (part, free) are the dims, every other
+        atom of the flat index is bound to its loop value in the offset."""
         fl = self.flat(tensor, index)
-        tile = {part, *free}
-        for v, _ in fl.terms:
-            if v not in tile and v not in env.lin:
+        lin, coef, const, d = env.lin, {}, fl.const, {}
+        for v, c in fl.terms:
+            if v == part or v in free:
+                coef[v] = c
+                continue
+            x = lin.get(v)
+            if x is None:
                 raise AssertionError(f"unbound atom {v} in {tensor}")
-        off = self.split_affine(Affine(tuple((v, c) for v, c in fl.terms if v not in tile),
-                                       fl.const), env)
-        dims = [(fl.coef(part), ext[part])] + [(fl.coef(f), ext[f]) for f in free]
-        if len(dims) == 1:
-            dims.append((1, 1))
-        return isa.AP("hbm", tensor, self.tensors[tensor].dtype, off.addr(), tuple(dims))
+            const += x.const * c               # split_affine, inline: one sum, sorted once
+            for u, k, m in x.terms:
+                d[u, m] = d.get((u, m), 0) + k * c
+        terms = tuple((u, k, m) for (u, m), k in sorted(d.items()) if k) if d else ()
+        dims = ((coef.get(part, 0), ext[part]),) + tuple((coef.get(f, 0), ext[f]) for f in free)
+        return isa.Addr(const, terms), dims if len(dims) > 1 else dims + ((1, 1),)
 
     # -- operands -------------------------------------------------------------------------------
     def operand_key(self, ld: Load, part: str, deps, env: Env, ext):
@@ -810,8 +843,7 @@ class Lowerer:
         producer = self.stage_of_tensor.get(ld.tensor)
         if producer is not None and producer.name in self.attached:
             return self.attached_key(ld, part, deps, ext)
-        src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
-        return (ld.tensor, "hbm", src.offset, src.dims)
+        return (ld.tensor, "hbm", *self.hbm_offset_dims(ld.tensor, ld.index, part, deps, env, ext))
 
     def operand(self, job: Job, ld: Load, part: str, dims, env: Env, ext) -> Val:
         deps = tuple(f for f in dims if any(ix.coef(f) for ix in ld.index))
@@ -1579,10 +1611,12 @@ def _slice_ap(ap: isa.AP, d: int, start: int, n: int) -> isa.AP:
 
 
 def _sub_ap(ap: isa.AP, start: int, n: int) -> isa.AP:
-    (stride, _), rest = ap.dims[0], ap.dims[1:]
+    (stride, size), rest = ap.dims[0], ap.dims[1:]
+    if start == 0 and n == size:
+        return ap
     if ap.mem == "hbm":
-        return isa.AP(ap.mem, ap.name, ap.dtype, ap.offset + start * stride, ((stride, n),) + rest,
-                      ap.part)
+        return isa.AP(ap.mem, ap.name, ap.dtype, ap.offset + start * stride if start else ap.offset,
+                      ((stride, n),) + rest, ap.part)
     return isa.AP(ap.mem, ap.name, ap.dtype, ap.offset, ((stride, n),) + rest, ap.part + start)
 
 
@@ -1618,6 +1652,12 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
     order, split_of, roots = atoms_of(ss)
     kinds = {v.name: v.kind for v in ss.vars}
     ren = ren or {}
+    split_by_parent, fuse_of = {}, {}
+    for x in reversed(ss.relations):              # the first relation of each var wins
+        if isinstance(x, Split):
+            split_by_parent[x.parent] = x
+        elif isinstance(x, Fuse):
+            fuse_of[x.fused] = x
 
     def r(v):
         return ren.get(v, v)
@@ -1627,7 +1667,7 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
         out = {}
 
         def rec(v, s):
-            sp = next((x for x in ss.relations if isinstance(x, Split) and x.parent == v), None)
+            sp = split_by_parent.get(v)
             if sp is not None:
                 rec(sp.outer, s * sp.factor)
                 rec(sp.inner, s)
@@ -1646,7 +1686,7 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
     if isinstance(init, Const) and st.reduce and init.value == REDUCE_IDENTITY[st.reduce]:
         init = None
     def atoms(v):  # a fused loop is its component loops (outer first)
-        f = next((x for x in ss.relations if isinstance(x, Fuse) and x.fused == v), None)
+        f = fuse_of.get(v)
         return atoms(f.outer) + atoms(f.inner) if f is not None else [v]
     tile = {a for v in ss.tile_vars() for a in atoms(v)}
     vec = [a for v in ss.vectorized for a in atoms(v)]
@@ -1675,10 +1715,13 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
     if st.reduce is None and not (ss.cache_write and ss.cache_write[1]):
         acc_level = len(loops)
     t = lw.tensors[st.tensor]
+    if ren:                 # one renamed Split per split (its outer and inner share it)
+        new = {id(s): Split(r(s.parent), r(s.outer), r(s.inner), s.factor, s.tail)
+               for s in split_of.values()}
+        split_of = {r(k): new[id(s)] for k, s in split_of.items()}
     job = Job(
         stage=st.name, value=value, reduce=st.reduce, init=init, loops=loops, kind=kind,
-        split_of={r(k): Split(r(s.parent), r(s.outer), r(s.inner), s.factor, s.tail)
-                  for k, s in split_of.items()},
+        split_of=split_of,
         root_ext={r(k): v for k, v in roots.items() if spatial_map is None or kinds[k] == "reduce"},
         part=job_part, free=job_free, red_free=red_free,
         contract=r(ss.tensorized) if ss.tensorized else None,
@@ -1785,6 +1828,8 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
         pools = {False: (0, n - stores), True: (n - stores, stores)}
     nxt = {False: 0, True: 0}
+    blk = partition_block(spec)                    # pieces on whole partition blocks
+    queues = [f"q{i}" for i in range(n)]
 
     def split(ins: isa.Instr) -> list:
         kind = ins.dst.mem == "hbm" and pools[True] != pools[False]
@@ -1793,21 +1838,20 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         P = dst.dims[0][1]
         nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
         pieces = max(1, min(size, P, nbytes // DMA_PIECE_BYTES))
-        blk = partition_block(spec)                # pieces on whole partition blocks
         step = -(-(-(-P // pieces)) // blk) * blk
         out = []
         for s0 in range(0, P, step):
             k = min(step, P - s0)
-            q = f"q{lo + nxt[kind] % size}"
+            q = queues[lo + nxt[kind] % size]
             nxt[kind] += 1
-            out.append(isa.Instr.make("dma", q, _sub_ap(dst, s0, k), (_sub_ap(src, s0, k),)))
+            out.append(isa.Instr("dma", q, _sub_ap(dst, s0, k), (_sub_ap(src, s0, k),)))
         return out
 
     def walk(nodes) -> list:
         out = []
         for node in nodes:
             if isinstance(node, isa.Loop):
-                out.append(dataclasses.replace(node, body=tuple(walk(node.body))))
+                out.append(isa.Loop(node.var, node.extent, tuple(walk(node.body))))
             elif node.op == "dma":
                 out.extend(split(node))
             else:
