@@ -127,4 +127,9 @@ MODEL_SHAPES = [
     ("Llama-7B rmsnorm", "rmsnorm", (512, 4096)),
     ("GPT-2 attention (12 heads, seq 512)", "attention", (12, 512, 64, 1)),
     ("Llama-7B SwiGLU", "swiglu", (512, 11008)),
+    # the large shapes (long sequences / big batches): where memory-bound kernels stream
+    ("Llama-7B attention scores (seq 4096, one head)", "softmax", (4096, 4096)),
+    ("Llama-7B rmsnorm (seq 4096)", "rmsnorm", (4096, 4096)),
+    ("BERT-large layernorm (batch 8, seq 512)", "layernorm", (4096, 1024)),
+    ("Llama-7B SwiGLU (seq 2048)", "swiglu", (2048, 11008)),
 ]
