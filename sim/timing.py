@@ -713,6 +713,79 @@ def _dma_end(start, q, h, tag, used, bin_ps, bin_sh, mask):
 
 
 @njit(cache=True, error_model="numpy")
+def _addr_classes(code, otab, terms):
+    """Group operands whose address terms are identical (same loops, coefficients and
+    moduli in the same order) into address classes, so a loop step updates one offset per
+    class instead of one address per operand (e.g. the three reads of a tile share one).
+    Returns (class per operand, class terms in the `terms` layout with T_OP = class, and
+    per code row the range of class terms its loop steps). Class 0: no terms."""
+    n_ops = otab.shape[0]
+    nt = terms.shape[0]
+    cnt = np.zeros(n_ops + 1, np.int64)
+    for k in range(nt):
+        cnt[terms[k, T_OP] + 1] += 1
+    for o in range(n_ops):
+        cnt[o + 1] += cnt[o]
+    lst = np.zeros(nt, np.int64)                # each operand's terms, in `terms` order
+    fill = cnt[:n_ops].copy()
+    for k in range(nt):
+        o = terms[k, T_OP]
+        lst[fill[o]] = k
+        fill[o] += 1
+    h = np.zeros(n_ops, np.int64)
+    for o in range(n_ops):
+        x = cnt[o + 1] - cnt[o]
+        for j in range(cnt[o], cnt[o + 1]):
+            k = lst[j]
+            x = x * 1000003 + terms[k, T_LOOP]
+            x = x * 1000003 + terms[k, T_COEF]
+            x = x * 1000003 + terms[k, T_MOD]
+        h[o] = x
+    order = np.argsort(h, kind="mergesort")
+    cls = np.zeros(n_ops, np.int64)
+    rep = np.full(n_ops + 1, -1, np.int64)      # class -> its first operand
+    ncls = 1
+    prev = -1
+    for j in range(n_ops):
+        o = order[j]
+        if cnt[o + 1] == cnt[o]:
+            continue                            # no terms: class 0
+        same = prev >= 0 and h[o] == h[prev] and cnt[o + 1] - cnt[o] == cnt[prev + 1] - cnt[prev]
+        if same:
+            for d in range(cnt[o + 1] - cnt[o]):
+                a = lst[cnt[o] + d]
+                b = lst[cnt[prev] + d]
+                if (terms[a, T_LOOP] != terms[b, T_LOOP] or terms[a, T_COEF] != terms[b, T_COEF]
+                        or terms[a, T_MOD] != terms[b, T_MOD]):
+                    same = False
+                    break
+        if same:
+            cls[o] = cls[prev]
+        else:
+            cls[o] = ncls
+            rep[ncls] = o
+            ncls += 1
+            prev = o
+    pre = np.zeros(nt + 1, np.int64)            # class terms among terms[:k]
+    ct = np.zeros((nt, T_COLS), np.int64)
+    n = 0
+    for k in range(nt):
+        o = terms[k, T_OP]
+        if rep[cls[o]] == o:
+            for c in range(T_COLS):
+                ct[n, c] = terms[k, c]
+            ct[n, T_OP] = cls[o]
+            n += 1
+        pre[k + 1] = n
+    ncode = code.shape[0]
+    crange = np.zeros((ncode, 2), np.int64)
+    for pc in range(ncode):
+        crange[pc, 0] = pre[code[pc, 4]]
+        crange[pc, 1] = pre[code[pc, 5]]
+    return cls, ct[:n], crange, ncls
+
+
+@njit(cache=True, error_model="numpy")
 def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_sh, blk, blk_sh,
           st, tag, used, rec_cap):
     """Run the model. st (cell state, S_COLS entries per cell) and tag/used (HBM-channel
@@ -722,7 +795,8 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
     while (1 << bin_sh) < bin_ps:
         bin_sh += 1
     iv = np.zeros(max(depth, 1), np.int64)
-    addr = otab[:, O_BASE].copy()               # operand byte addresses, kept up to date
+    cls, cterms, crange, ncls = _addr_classes(code, otab, terms)
+    coff = np.zeros(ncls, np.int64)             # address classes' offsets, kept up to date
     sfree = np.zeros(n_streams, np.int64)
     busy = np.zeros(n_streams, np.int64)
     port_sbuf = 0
@@ -763,7 +837,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
             for o in range(o0, o0 + itab[i, I_NOPS]):
                 mode = otab[o, O_MODE]
                 if mode != M_NONE:
-                    a = addr[o]
+                    a = otab[o, O_BASE] + coff[cls[o]]
                     if mode == M_FAST:          # one run of static rows: one segment
                         gsh = otab[o, O_GSH]
                         if gsh >= 0:
@@ -873,7 +947,20 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                 lo = seg_lo[k]
                 hi = seg_hi[k] + 1
                 kk = seg_k[k]
-                if kk == K_READ:
+                if hi == lo + 1:                # one cell (the common case): no loop
+                    g8 = lo * S_COLS
+                    if kk == K_READ:
+                        if st[g8 + S_LW] > t:
+                            t = st[g8 + S_LW]
+                    else:
+                        if kk == K_WRITE_WAR and st[g8 + S_LR] > t:
+                            t = st[g8 + S_LR]
+                        if st[g8 + S_LWM] & seg_m[k]:
+                            if st[g8 + S_LWS] != s1 and st[g8 + S_LW] > t:
+                                t = st[g8 + S_LW]
+                        elif st[g8 + S_LWO] > t:
+                            t = st[g8 + S_LWO]
+                elif kk == K_READ:
                     for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
                         if st[g8 + S_LW] > t:
                             t = st[g8 + S_LW]
@@ -915,7 +1002,26 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
             for k in range(ns):
                 lo = seg_lo[k]
                 hi = seg_hi[k] + 1
-                if seg_k[k] == K_READ:
+                if hi == lo + 1:                # one cell: no loop
+                    g8 = lo * S_COLS
+                    if seg_k[k] == K_READ:
+                        if end > st[g8 + S_LR]:
+                            st[g8 + S_LR] = end
+                    else:
+                        m = seg_m[k]
+                        if st[g8 + S_LWM] & m:
+                            st[g8 + S_LWO] = st[g8 + S_LW]
+                            st[g8 + S_LWM] = m
+                            st[g8 + S_LWS] = s1
+                        else:
+                            if st[g8 + S_LWM] == 0:
+                                st[g8 + S_LWS] = s1
+                            elif st[g8 + S_LWS] != s1:
+                                st[g8 + S_LWS] = -1
+                            st[g8 + S_LWM] |= m
+                        if ready > st[g8 + S_LW]:
+                            st[g8 + S_LW] = ready
+                elif seg_k[k] == K_READ:
                     for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
                         if end > st[g8 + S_LR]:
                             st[g8 + S_LR] = end
@@ -959,22 +1065,22 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
             x = iv[lvl] + 1
             iv[lvl] = x
             if x < code[pc, 2]:
-                for k in range(code[pc, 4], code[pc, 5]):   # step the loop's terms
-                    if terms[k, T_MOD] == 0:
-                        addr[terms[k, T_OP]] += terms[k, T_COEF]
+                for k in range(crange[pc, 0], crange[pc, 1]):   # step the loop's terms
+                    if cterms[k, T_MOD] == 0:
+                        coff[cterms[k, T_OP]] += cterms[k, T_COEF]
                     else:
-                        if terms[k, T_MASK] >= 0:
-                            y = x & terms[k, T_MASK]
+                        if cterms[k, T_MASK] >= 0:
+                            y = x & cterms[k, T_MASK]
                         else:
-                            y = x % terms[k, T_MOD]
+                            y = x % cterms[k, T_MOD]
                         if y == 0:                  # wrapped
-                            addr[terms[k, T_OP]] -= terms[k, T_COEF] * (terms[k, T_MOD] - 1)
+                            coff[cterms[k, T_OP]] -= cterms[k, T_COEF] * (cterms[k, T_MOD] - 1)
                         else:
-                            addr[terms[k, T_OP]] += terms[k, T_COEF]
+                            coff[cterms[k, T_OP]] += cterms[k, T_COEF]
                 pc = code[pc, 3] + 1
             else:
-                for k in range(code[pc, 4], code[pc, 5]):   # back to 0 for the next entry
-                    addr[terms[k, T_OP]] -= terms[k, T_LAST]
+                for k in range(crange[pc, 0], crange[pc, 1]):   # back to 0 for the next entry
+                    coff[cterms[k, T_OP]] -= cterms[k, T_LAST]
                 pc += 1
     for g8 in range(gmin * S_COLS, gmax * S_COLS):   # leave the scratch clean for the next run
         st[g8] = 0
