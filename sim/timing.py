@@ -961,13 +961,19 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                         elif st[g8 + S_LWO] > t:
                             t = st[g8 + S_LWO]
                 elif kk == K_READ:
-                    for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
+                    for g in range(lo, hi):
+                        g8 = g * S_COLS
+                        if g8 < 0:      # (never: a second exit keeps LLVM from vectorizing
+                            break       # these loops of a few cells with gathers)
                         if st[g8 + S_LW] > t:
                             t = st[g8 + S_LW]
                 else:
                     war = kk == K_WRITE_WAR
                     m = seg_m[k]
-                    for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
+                    for g in range(lo, hi):
+                        g8 = g * S_COLS
+                        if g8 < 0:
+                            break
                         if war and st[g8 + S_LR] > t:
                             t = st[g8 + S_LR]
                         if st[g8 + S_LWM] & m:
@@ -1022,12 +1028,18 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                         if ready > st[g8 + S_LW]:
                             st[g8 + S_LW] = ready
                 elif seg_k[k] == K_READ:
-                    for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
+                    for g in range(lo, hi):
+                        g8 = g * S_COLS
+                        if g8 < 0:
+                            break
                         if end > st[g8 + S_LR]:
                             st[g8 + S_LR] = end
                 else:
                     m = seg_m[k]
-                    for g8 in range(lo * S_COLS, hi * S_COLS, S_COLS):
+                    for g in range(lo, hi):
+                        g8 = g * S_COLS
+                        if g8 < 0:
+                            break
                         if st[g8 + S_LWM] & m:              # overlaps this epoch's writes: a new epoch
                             st[g8 + S_LWO] = st[g8 + S_LW]
                             st[g8 + S_LWM] = m
