@@ -796,15 +796,15 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
         bin_sh += 1
     iv = np.zeros(max(depth, 1), np.int64)
     cls, cterms, crange, ncls = _addr_classes(code, otab, terms)
+    hot = otab[:, :8].copy()                    # the fast path's columns, one line per operand,
+    for o in range(otab.shape[0]):              # the mode with the operand's address class
+        hot[o, O_MODE] += cls[o] << 2
     coff = np.zeros(ncls, np.int64)             # address classes' offsets, kept up to date
     sfree = np.zeros(n_streams, np.int64)
     busy = np.zeros(n_streams, np.int64)
     port_sbuf = 0
     port_psum = 0
-    seg_lo = np.zeros(max_segs, np.int64)
-    seg_hi = np.zeros(max_segs, np.int64)
-    seg_k = np.zeros(max_segs, np.int64)
-    seg_m = np.zeros(max_segs, np.int64)
+    seg = np.zeros(max_segs * 4, np.int64)      # per segment: first cell, last cell, kind, mask
     rec_s = np.zeros(rec_cap, np.int64)
     rec_e = np.zeros(rec_cap, np.int64)
     rec_i = np.zeros(rec_cap, np.int64)
@@ -835,27 +835,28 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
             ns = 0
             o0 = itab[i, I_OP0]
             for o in range(o0, o0 + itab[i, I_NOPS]):
-                mode = otab[o, O_MODE]
+                mc = hot[o, O_MODE]
+                mode = mc & 3
                 if mode != M_NONE:
-                    a = otab[o, O_BASE] + coff[cls[o]]
+                    a = hot[o, O_BASE] + coff[mc >> 2]
                     if mode == M_FAST:          # one run of static rows: one segment
-                        gsh = otab[o, O_GSH]
+                        gsh = hot[o, O_GSH]
                         if gsh >= 0:
                             g0 = a >> gsh
-                            g1 = (a + otab[o, O_E] - 1) >> gsh
+                            g1 = (a + hot[o, O_E] - 1) >> gsh
                         else:
                             g0 = a // otab[o, O_G]
-                            g1 = (a + otab[o, O_E] - 1) // otab[o, O_G]
+                            g1 = (a + hot[o, O_E] - 1) // otab[o, O_G]
                         if g0 < 0:
                             g0 = 0
-                        if g1 >= otab[o, O_NCOL]:
-                            g1 = otab[o, O_NCOL] - 1
+                        if g1 >= hot[o, O_NCOL]:
+                            g1 = hot[o, O_NCOL] - 1
                         if g0 <= g1:
-                            cb = otab[o, O_CBASE]
-                            seg_lo[ns] = cb + g0
-                            seg_hi[ns] = cb + g1
-                            seg_k[ns] = otab[o, O_KIND]
-                            seg_m[ns] = otab[o, O_MASK]
+                            cb = hot[o, O_CBASE]
+                            seg[4 * ns] = cb + g0
+                            seg[4 * ns + 1] = cb + g1
+                            seg[4 * ns + 2] = hot[o, O_KIND]
+                            seg[4 * ns + 3] = hot[o, O_MASK]
                             ns += 1
                         continue
                     # general: one group of segments per row block (rows from the address
@@ -933,20 +934,20 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                             if g1 >= ncol:
                                 g1 = ncol - 1
                             if g0 <= g1:
-                                if ns > first and seg_hi[ns - 1] == base + g0 - 1:
-                                    seg_hi[ns - 1] = base + g1
+                                if ns > first and seg[4 * (ns - 1) + 1] == base + g0 - 1:
+                                    seg[4 * (ns - 1) + 1] = base + g1
                                 else:
-                                    seg_lo[ns] = base + g0
-                                    seg_hi[ns] = base + g1
-                                    seg_k[ns] = kind
-                                    seg_m[ns] = m
+                                    seg[4 * ns] = base + g0
+                                    seg[4 * ns + 1] = base + g1
+                                    seg[4 * ns + 2] = kind
+                                    seg[4 * ns + 3] = m
                                     ns += 1
                                 prev = g1
             # RAW for reads; WAW (unless the same stream wrote last) and WAR for writes
             for k in range(ns):
-                lo = seg_lo[k]
-                hi = seg_hi[k] + 1
-                kk = seg_k[k]
+                lo = seg[4 * k]
+                hi = seg[4 * k + 1] + 1
+                kk = seg[4 * k + 2]
                 if hi == lo + 1:                # one cell (the common case): no loop
                     g8 = lo * S_COLS
                     if kk == K_READ:
@@ -955,7 +956,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                     else:
                         if kk == K_WRITE_WAR and st[g8 + S_LR] > t:
                             t = st[g8 + S_LR]
-                        if st[g8 + S_LWM] & seg_m[k]:
+                        if st[g8 + S_LWM] & seg[4 * k + 3]:
                             if st[g8 + S_LWS] != s1 and st[g8 + S_LW] > t:
                                 t = st[g8 + S_LW]
                         elif st[g8 + S_LWO] > t:
@@ -969,7 +970,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                             t = st[g8 + S_LW]
                 else:
                     war = kk == K_WRITE_WAR
-                    m = seg_m[k]
+                    m = seg[4 * k + 3]
                     for g in range(lo, hi):
                         g8 = g * S_COLS
                         if g8 < 0:
@@ -1006,15 +1007,15 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                 if ports & PORT_PSUM:
                     port_psum = end
             for k in range(ns):
-                lo = seg_lo[k]
-                hi = seg_hi[k] + 1
+                lo = seg[4 * k]
+                hi = seg[4 * k + 1] + 1
                 if hi == lo + 1:                # one cell: no loop
                     g8 = lo * S_COLS
-                    if seg_k[k] == K_READ:
+                    if seg[4 * k + 2] == K_READ:
                         if end > st[g8 + S_LR]:
                             st[g8 + S_LR] = end
                     else:
-                        m = seg_m[k]
+                        m = seg[4 * k + 3]
                         if st[g8 + S_LWM] & m:
                             st[g8 + S_LWO] = st[g8 + S_LW]
                             st[g8 + S_LWM] = m
@@ -1027,7 +1028,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                             st[g8 + S_LWM] |= m
                         if ready > st[g8 + S_LW]:
                             st[g8 + S_LW] = ready
-                elif seg_k[k] == K_READ:
+                elif seg[4 * k + 2] == K_READ:
                     for g in range(lo, hi):
                         g8 = g * S_COLS
                         if g8 < 0:
@@ -1035,7 +1036,7 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                         if end > st[g8 + S_LR]:
                             st[g8 + S_LR] = end
                 else:
-                    m = seg_m[k]
+                    m = seg[4 * k + 3]
                     for g in range(lo, hi):
                         g8 = g * S_COLS
                         if g8 < 0:
