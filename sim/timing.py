@@ -796,9 +796,21 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
         bin_sh += 1
     iv = np.zeros(max(depth, 1), np.int64)
     cls, cterms, crange, ncls = _addr_classes(code, otab, terms)
-    hot = otab[:, :8].copy()                    # the fast path's columns, one line per operand,
-    for o in range(otab.shape[0]):              # the mode with the operand's address class
-        hot[o, O_MODE] += cls[o] << 2
+    # the tracked operands (mode != M_NONE) in instruction order, instruction i's being
+    # hot[itr[i]:itr[i + 1]]: the fast path's columns in one 64-byte row, the mode column
+    # packing mode | address class << 2 | operand << 32
+    n_ins = itab.shape[0]
+    itr = np.zeros(n_ins + 1, np.int64)
+    hot = np.zeros((otab.shape[0], 8), np.int64)
+    n = 0
+    for i in range(n_ins):
+        for o in range(itab[i, I_OP0], itab[i, I_OP0] + itab[i, I_NOPS]):
+            if otab[o, O_MODE] != M_NONE:
+                for c in range(8):
+                    hot[n, c] = otab[o, c]
+                hot[n, O_MODE] = otab[o, O_MODE] | (cls[o] << 2) | (o << 32)
+                n += 1
+        itr[i + 1] = n
     coff = np.zeros(ncls, np.int64)             # address classes' offsets, kept up to date
     sfree = np.zeros(n_streams, np.int64)
     busy = np.zeros(n_streams, np.int64)
@@ -833,116 +845,115 @@ def _core(code, itab, otab, terms, n_streams, depth, max_segs, bin_ps, rbk, rbk_
                     t = port_psum
             # footprints: evaluate the affine addresses, cut into cell segments
             ns = 0
-            o0 = itab[i, I_OP0]
-            for o in range(o0, o0 + itab[i, I_NOPS]):
-                mc = hot[o, O_MODE]
+            for j in range(itr[i], itr[i + 1]):
+                mc = hot[j, O_MODE]
+                o = mc >> 32
                 mode = mc & 3
-                if mode != M_NONE:
-                    a = hot[o, O_BASE] + coff[mc >> 2]
-                    if mode == M_FAST:          # one run of static rows: one segment
-                        gsh = hot[o, O_GSH]
-                        if gsh >= 0:
-                            g0 = a >> gsh
-                            g1 = (a + hot[o, O_E] - 1) >> gsh
+                a = hot[j, O_BASE] + coff[(mc >> 2) & 0x3FFFFFFF]
+                if mode == M_FAST:          # one run of static rows: one segment
+                    gsh = hot[j, O_GSH]
+                    if gsh >= 0:
+                        g0 = a >> gsh
+                        g1 = (a + hot[j, O_E] - 1) >> gsh
+                    else:
+                        g0 = a // otab[o, O_G]
+                        g1 = (a + hot[j, O_E] - 1) // otab[o, O_G]
+                    if g0 < 0:
+                        g0 = 0
+                    if g1 >= hot[j, O_NCOL]:
+                        g1 = hot[j, O_NCOL] - 1
+                    if g0 <= g1:
+                        cb = hot[j, O_CBASE]
+                        seg[4 * ns] = cb + g0
+                        seg[4 * ns + 1] = cb + g1
+                        seg[4 * ns + 2] = hot[j, O_KIND]
+                        seg[4 * ns + 3] = hot[j, O_MASK]
+                        ns += 1
+                    continue
+                # general: one group of segments per row block (rows from the address
+                # for HBM), each the column runs, adjacent runs merged
+                runs = otab[o, O_RUNS]
+                pitch = otab[o, O_PITCH]
+                ext = otab[o, O_E]
+                col = a
+                rb0 = 0
+                rb1 = 0
+                r0 = 0
+                r1 = 0
+                if otab[o, O_DYN]:
+                    rbytes = otab[o, O_RB]
+                    sh = otab[o, O_RBSH]
+                    if sh >= 0:
+                        r0 = a >> sh
+                    else:
+                        r0 = a // rbytes
+                    col = a - r0 * rbytes
+                    r1 = r0 + otab[o, O_NROWS] - 1
+                    span = otab[o, O_SPAN]
+                    if col + span > rbytes:     # wraps into the next row(s): whole rows
+                        r1 += (col + span - 1) // rbytes
+                        col = 0
+                        runs = 1
+                        pitch = 0
+                        ext = rbytes
+                    if r0 < 0:
+                        r0 = 0
+                    if r1 >= otab[o, O_ROWS]:
+                        r1 = otab[o, O_ROWS] - 1
+                    if r0 > r1:
+                        continue
+                    if rbk_sh >= 0:
+                        rb0 = r0 >> rbk_sh
+                        rb1 = r1 >> rbk_sh
+                    else:
+                        rb0 = r0 // rbk
+                        rb1 = r1 // rbk
+                ncol = otab[o, O_NCOL]
+                gb = otab[o, O_G]
+                gsh = otab[o, O_GSH]
+                kind = otab[o, O_KIND]
+                for rb in range(rb0, rb1 + 1):
+                    if otab[o, O_DYN]:
+                        lo_r = r0 - rb * rbk
+                        if lo_r < 0:
+                            lo_r = 0
+                        hi_r = r1 - rb * rbk
+                        if hi_r >= rbk:
+                            hi_r = rbk - 1
+                        if blk_sh >= 0:
+                            m = ((2 << (hi_r >> blk_sh)) - 1) ^ ((1 << (lo_r >> blk_sh)) - 1)
                         else:
-                            g0 = a // otab[o, O_G]
-                            g1 = (a + hot[o, O_E] - 1) // otab[o, O_G]
+                            m = ((2 << (hi_r // blk)) - 1) ^ ((1 << (lo_r // blk)) - 1)
+                    else:
+                        m = otab[o, O_MASK]
+                    base = otab[o, O_CBASE] + rb * ncol
+                    first = ns
+                    prev = -1
+                    for r in range(runs):
+                        lo = col + r * pitch
+                        hi = lo + ext - 1
+                        if gsh >= 0:
+                            g0 = lo >> gsh
+                            g1 = hi >> gsh
+                        else:
+                            g0 = lo // gb
+                            g1 = hi // gb
+                        if g0 <= prev:
+                            g0 = prev + 1
                         if g0 < 0:
                             g0 = 0
-                        if g1 >= hot[o, O_NCOL]:
-                            g1 = hot[o, O_NCOL] - 1
+                        if g1 >= ncol:
+                            g1 = ncol - 1
                         if g0 <= g1:
-                            cb = hot[o, O_CBASE]
-                            seg[4 * ns] = cb + g0
-                            seg[4 * ns + 1] = cb + g1
-                            seg[4 * ns + 2] = hot[o, O_KIND]
-                            seg[4 * ns + 3] = hot[o, O_MASK]
-                            ns += 1
-                        continue
-                    # general: one group of segments per row block (rows from the address
-                    # for HBM), each the column runs, adjacent runs merged
-                    runs = otab[o, O_RUNS]
-                    pitch = otab[o, O_PITCH]
-                    ext = otab[o, O_E]
-                    col = a
-                    rb0 = 0
-                    rb1 = 0
-                    r0 = 0
-                    r1 = 0
-                    if otab[o, O_DYN]:
-                        rbytes = otab[o, O_RB]
-                        sh = otab[o, O_RBSH]
-                        if sh >= 0:
-                            r0 = a >> sh
-                        else:
-                            r0 = a // rbytes
-                        col = a - r0 * rbytes
-                        r1 = r0 + otab[o, O_NROWS] - 1
-                        span = otab[o, O_SPAN]
-                        if col + span > rbytes:     # wraps into the next row(s): whole rows
-                            r1 += (col + span - 1) // rbytes
-                            col = 0
-                            runs = 1
-                            pitch = 0
-                            ext = rbytes
-                        if r0 < 0:
-                            r0 = 0
-                        if r1 >= otab[o, O_ROWS]:
-                            r1 = otab[o, O_ROWS] - 1
-                        if r0 > r1:
-                            continue
-                        if rbk_sh >= 0:
-                            rb0 = r0 >> rbk_sh
-                            rb1 = r1 >> rbk_sh
-                        else:
-                            rb0 = r0 // rbk
-                            rb1 = r1 // rbk
-                    ncol = otab[o, O_NCOL]
-                    gb = otab[o, O_G]
-                    gsh = otab[o, O_GSH]
-                    kind = otab[o, O_KIND]
-                    for rb in range(rb0, rb1 + 1):
-                        if otab[o, O_DYN]:
-                            lo_r = r0 - rb * rbk
-                            if lo_r < 0:
-                                lo_r = 0
-                            hi_r = r1 - rb * rbk
-                            if hi_r >= rbk:
-                                hi_r = rbk - 1
-                            if blk_sh >= 0:
-                                m = ((2 << (hi_r >> blk_sh)) - 1) ^ ((1 << (lo_r >> blk_sh)) - 1)
+                            if ns > first and seg[4 * (ns - 1) + 1] == base + g0 - 1:
+                                seg[4 * (ns - 1) + 1] = base + g1
                             else:
-                                m = ((2 << (hi_r // blk)) - 1) ^ ((1 << (lo_r // blk)) - 1)
-                        else:
-                            m = otab[o, O_MASK]
-                        base = otab[o, O_CBASE] + rb * ncol
-                        first = ns
-                        prev = -1
-                        for r in range(runs):
-                            lo = col + r * pitch
-                            hi = lo + ext - 1
-                            if gsh >= 0:
-                                g0 = lo >> gsh
-                                g1 = hi >> gsh
-                            else:
-                                g0 = lo // gb
-                                g1 = hi // gb
-                            if g0 <= prev:
-                                g0 = prev + 1
-                            if g0 < 0:
-                                g0 = 0
-                            if g1 >= ncol:
-                                g1 = ncol - 1
-                            if g0 <= g1:
-                                if ns > first and seg[4 * (ns - 1) + 1] == base + g0 - 1:
-                                    seg[4 * (ns - 1) + 1] = base + g1
-                                else:
-                                    seg[4 * ns] = base + g0
-                                    seg[4 * ns + 1] = base + g1
-                                    seg[4 * ns + 2] = kind
-                                    seg[4 * ns + 3] = m
-                                    ns += 1
-                                prev = g1
+                                seg[4 * ns] = base + g0
+                                seg[4 * ns + 1] = base + g1
+                                seg[4 * ns + 2] = kind
+                                seg[4 * ns + 3] = m
+                                ns += 1
+                            prev = g1
             # RAW for reads; WAW (unless the same stream wrote last) and WAR for writes
             for k in range(ns):
                 lo = seg[4 * k]
