@@ -2067,17 +2067,38 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                         lw.bind_loop(job, u, e2, lambda e3: leaf(e3, "act", u, n_u))
                     return
                 # the innermost row loop, unrolled by 2: the PSUM -> SBUF copies alternate
-                # between the scalar and vector engines (one engine alone bounds the fill)
+                # between the scalar and vector engines (one engine alone bounds the fill).
+                # Each engine's transposes rotate over [P x F] fp32 tiles packed several to a
+                # PSUM bank (TRANSPOSE_PSUM_SLOTS banks in all, fewer when fewer are free):
+                # the other banks stay free for the consumer's accumulators, so its matmuls
+                # do not wait for these copies, and the copies' backlog (they are slower than
+                # the transposes) drains behind the matmuls instead of stalling the PE.
                 v2 = lw.fresh(f"{u}2")
+                tb, bank = F * ITEMSIZE["float32"], lw.spec.psum_bank_bytes
+                free = (lw.spec.psum_partition_bytes - lw.used("psum")) // bank
+                banks = max(1, min(TRANSPOSE_PSUM_SLOTS, free) // 2) if bank % tb == 0 else 1
+                per = min(banks * (bank // tb), n_u // 2)      # no tile across two banks
+                nb = -(-per * tb // bank)
+                ring = Env(e2.lin, e2.ext, e2.loops + (v2,), {v2: nb})
+                with lw.level():
+                    # at the top of PSUM when free there: the consumer's accumulators are
+                    # placed from the bottom, and the first ones it uses wait for no copy
+                    lw.cursor["psum"] = max(0, lw.spec.psum_partition_bytes - 2 * nb * bank)
+                    rings = []
+                    for _ in range(2):    # bank-sized slots over v2: contiguous banks
+                        rb, rn = lw.alloc("psum", bank, f"{bname}_T", ring)
+                        rings.append(Val("psum", Lin(rb.const) + Lin(0, ((v2, tb, per),)), (f,),
+                                         (1,), "float32", rn))
 
-                def pair():
-                    for k, eng in enumerate(("act", "dve")):
-                        e3 = Env(dict(e2.lin), dict(e2.ext), e2.loops + (v2,), dict(e2.pipe))
-                        e3.lin[u] = Lin.var(v2).scale(2) + k
-                        leaf(e3, eng, v2, n_u // 2, key_env=e2.bind(u, Lin.var(u)))
-                lw.loop(v2, n_u // 2, pair)
+                    def pair():
+                        for k, eng in enumerate(("act", "dve")):
+                            e3 = Env(dict(e2.lin), dict(e2.ext), e2.loops + (v2,), dict(e2.pipe))
+                            e3.lin[u] = Lin.var(v2).scale(2) + k
+                            leaf(e3, eng, v2, n_u // 2, key_env=e2.bind(u, Lin.var(u)),
+                                 ps=rings[k])
+                    lw.loop(v2, n_u // 2, pair)
 
-            def leaf(e2, engine, rot_var, rot_ext, key_env=None):
+            def leaf(e2, engine, rot_var, rot_ext, key_env=None, ps=None):
                 b = base
                 for u in row:
                     b = b + e2.lin[u].scale(coef[u] * ITEMSIZE[dtype])
@@ -2085,6 +2106,13 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 ext2 = dict(ext)
                 into = slot_val(e2)
                 memo[lw.operand_key(ld, part, deps, key_env or e2, ext2)] = slot_val
+                if ps is not None:   # into a tile of the fill's PSUM ring
+                    P = ext2[part]
+                    lw.emit(isa.Instr.make("transpose", "pe", lw.ap(ps, P, [f], ext2),
+                                           (lw.ap(nat, ext2[f], [part], ext2),)))
+                    lw.emit(isa.Instr.make("tensor_copy", engine, lw.ap(into, P, [f], ext2),
+                                           (lw.ap(ps, P, [f], ext2),)))
+                    return
                 env_t = Env(dict(e2.lin), dict(e2.ext), e2.loops, dict(e2.pipe))
                 if e2.loops and e2.loops[-1] == rot_var:   # rotate the PSUM tile over free banks
                     free = (lw.spec.psum_partition_bytes - lw.used("psum")) // lw.spec.psum_bank_bytes
