@@ -53,18 +53,35 @@ limited by max_free_elems_sbuf / max_free_elems_psum.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Union
+
+# Addr, AP, Instr and Loop are frozen slotted dataclasses (eq, hash, repr, replace, fields as
+# generated) whose __init__ stores each field through its slot descriptor: compilers build
+# thousands per candidate, and the generated frozen __init__ (object.__setattr__ per field)
+# costs ~2x more. Same signature and defaults, no conversion or checking either way
+# (sim.validate checks programs). AP and Instr compare and hash field by field without the
+# generated per-class tuples (simulators look instructions up by value); equal exactly when
+# the generated __eq__ says so.
+
+
+def _setters(cls) -> tuple:
+    return tuple(getattr(cls, f.name).__set__ for f in fields(cls))
 
 # ----------------------------------------------------------------------------------------
 # addresses
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Addr:
     """base + sum(coef * (var % mod if mod else var)) over enclosing loop variables."""
     base: int = 0
     terms: tuple[tuple[str, int, int], ...] = ()  # (loop var, coef, mod); mod 0 = no modulo
+
+    def __init__(self, base: int = 0, terms: tuple[tuple[str, int, int], ...] = ()):
+        b, t = _ADDR_SET
+        b(self, base)
+        t(self, terms)
 
     def eval(self, env: dict[str, int]) -> int:
         v = self.base
@@ -93,6 +110,9 @@ class Addr:
         return s
 
 
+_ADDR_SET = _setters(Addr)
+
+
 # ----------------------------------------------------------------------------------------
 # operands
 
@@ -104,7 +124,7 @@ DTYPE_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3": 1, "floa
               "int32": 4}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, init=False, eq=False)
 class AP:
     mem: str                              # "hbm" | "sbuf" | "psum"
     name: str                             # hbm tensor name, or the sbuf/psum buffer's name
@@ -112,6 +132,26 @@ class AP:
     offset: Addr                          # hbm: elements; sbuf/psum: bytes within a partition
     dims: tuple[tuple[int, int], ...]     # ((stride, size), ...); dims[0] = partition dim
     part: int = 0                         # sbuf/psum: first partition
+
+    def __init__(self, mem: str, name: str, dtype: str, offset: Addr,
+                 dims: tuple[tuple[int, int], ...], part: int = 0):
+        m, n, t, o, d, p = _AP_SET
+        m(self, mem)
+        n(self, name)
+        t(self, dtype)
+        o(self, offset)
+        d(self, dims)
+        p(self, part)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self is other or (self.dims == other.dims and self.offset == other.offset
+                                 and self.name == other.name and self.part == other.part
+                                 and self.mem == other.mem and self.dtype == other.dtype)
+
+    def __hash__(self):
+        return hash((self.mem, self.name, self.dtype, self.offset, self.dims, self.part))
 
     @property
     def partitions(self) -> int:
@@ -139,6 +179,9 @@ class AP:
     @property
     def itemsize(self) -> int:
         return DTYPE_SIZE[self.dtype]
+
+
+_AP_SET = _setters(AP)
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,7 +221,7 @@ ALU_OPS = ("add", "sub", "mul", "div", "max", "min", "pow",
 REDUCE_OPS = ("add", "max", "min", "mul")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, init=False, eq=False)
 class Instr:
     op: str
     engine: str                     # "pe" | "act" | "dve" | "pool" | "q0".."q{dma_queues-1}"
@@ -186,6 +229,26 @@ class Instr:
     srcs: tuple[AP, ...] = ()
     attrs: tuple[tuple[str, object], ...] = ()   # sorted (name, value) pairs; see OPS
     dst2: AP | None = None          # activation reduce output ([P, 1])
+
+    def __init__(self, op: str, engine: str, dst: AP, srcs: tuple[AP, ...] = (),
+                 attrs: tuple[tuple[str, object], ...] = (), dst2: AP | None = None):
+        o, e, d, s, a, d2 = _INSTR_SET
+        o(self, op)
+        e(self, engine)
+        d(self, dst)
+        s(self, srcs)
+        a(self, attrs)
+        d2(self, dst2)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self is other or (self.dst == other.dst and self.srcs == other.srcs
+                                 and self.op == other.op and self.engine == other.engine
+                                 and self.attrs == other.attrs and self.dst2 == other.dst2)
+
+    def __hash__(self):
+        return hash((self.op, self.engine, self.dst, self.srcs, self.attrs, self.dst2))
 
     def attr(self, name: str, default=None):
         for k, v in self.attrs:
@@ -203,11 +266,23 @@ class Instr:
         return Instr(op, engine, dst, tuple(srcs), clean, dst2)
 
 
-@dataclass(frozen=True)
+_INSTR_SET = _setters(Instr)
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Loop:
     var: str
     extent: int
     body: tuple["Node", ...]
+
+    def __init__(self, var: str, extent: int, body: tuple["Node", ...]):
+        v, e, b = _LOOP_SET
+        v(self, var)
+        e(self, extent)
+        b(self, body)
+
+
+_LOOP_SET = _setters(Loop)
 
 
 Node = Union[Instr, Loop]

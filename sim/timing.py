@@ -497,22 +497,32 @@ _CACHES: dict = {}      # id(spec) -> (spec, {Instr: (Cost, footprints, tensors)
 CACHE_CAP = 20_000
 
 
-def _static(ins: Instr, spec: MachineSpec, program: Program, regs: dict, decls: dict,
-            metas: dict):
-    """(Cost, footprints of reads + writes) of an instruction, cached per machine by the
-    instruction's value: a tuner's candidates share most instruction templates, so repeated
-    ones cost a dict lookup instead of the per-operand geometry."""
+def _static_cache(spec: MachineSpec) -> tuple:
+    """(spec, {Instr: (Cost, footprints, tensors)}, {AP: Footprint}) of this machine."""
     ent = _CACHES.get(id(spec))
     if ent is None or ent[0] is not spec:
         if len(_CACHES) >= 16:
             _CACHES.clear()
         ent = _CACHES[id(spec)] = (spec, {}, {})
+    return ent
+
+
+def _static(ins: Instr, spec: MachineSpec, program: Program, regs: dict, decls: dict,
+            metas: dict, ent: tuple | None = None):
+    """(Cost, footprints of reads + writes) of an instruction, cached per machine by the
+    instruction's value: a tuner's candidates share most instruction templates, so repeated
+    ones cost a dict lookup instead of the per-operand geometry. `ent`: _static_cache(spec)."""
+    if ent is None:
+        ent = _static_cache(spec)
     cache = ent[1]
     hit = cache.get(ins)
     if hit is not None:
         c, fps, used = hit
         # footprints depend on the HBM tensors' element size and row length too
-        if all(metas.get(n) == m for n, m in used):
+        for n, m in used:
+            if metas.get(n) != m:
+                break
+        else:
             return c, fps
     c = instr_cost(ins, spec)
     fpc = ent[2]
@@ -545,6 +555,7 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
     counts: list = []
     depth = 0
     written, read = set(), set()
+    ent = _static_cache(spec)
 
     def walk(nodes, scope: tuple, mult: int) -> None:
         nonlocal depth
@@ -561,15 +572,18 @@ def flatten(program: Program, spec: MachineSpec) -> Flat:
                 code[begin][3] = len(code)
                 code.append([LOOP_END, lvl, n.extent, begin, 0, 0])
             else:
-                c, fps = _static(n, spec, program, regs, decls, metas)
+                c, fps = _static(n, spec, program, regs, decls, metas, ent)
                 nr = len(c.reads)
-                for k, fp in enumerate(fps):
-                    (read if k < nr else written).add(fp.region)
+                for fp in fps[:nr]:
+                    read.add(fp.region)
+                for fp in fps[nr:]:
+                    written.add(fp.region)
                 code.append([INSTR, len(statics), 0, 0, 0, 0])
                 statics.append((n, c, fps, scope))
                 counts.append(mult)
 
     walk(program.body, (), 1)
+    del walk    # a recursive closure is a reference cycle (holding the tables): free it now
 
     # regions no instruction writes: reading them can neither wait (RAW) nor hold up a
     # writer (WAR), so those reads are not tracked at all (exact, and saves most of the

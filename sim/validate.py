@@ -43,21 +43,24 @@ def validate(program: Program, spec: "MachineSpec | str | None" = None) -> None:
     buffers = _check_buffers(program, spec)
     _check_loops(program.body, ())
     ctx = _Ctx(spec, tensors, buffers)
-    for i, (ins, extents) in enumerate(_walk(program.body, {})):
-        chk = _InstrCheck(i, ins, extents, spec, tensors, buffers, ctx)
-        if not chk.plain_dma_ok():
-            chk.run()
+    for i, (ins, extents) in enumerate(_walk(program.body, {}, [])):
+        if extents is None:
+            raise SimError(f"program body holds a {type(ins).__name__}; want Instr or Loop")
+        if not _plain_dma_ok(ins, extents, ctx, tensors, buffers):
+            _InstrCheck(i, ins, extents, spec, tensors, buffers, ctx).run()
 
 
-def _walk(nodes, extents):
-    """(instr, {enclosing loop var: extent}) in program order; one dict per loop body."""
+def _walk(nodes, extents, out: list) -> list:
+    """[(instr, {enclosing loop var: extent})] in program order, one dict per loop body; a
+    node that is neither comes as (node, None) (validate fails there, in program order)."""
     for n in nodes:
         if isinstance(n, Loop):
-            yield from _walk(n.body, {**extents, n.var: n.extent})
+            _walk(n.body, {**extents, n.var: n.extent}, out)
         elif isinstance(n, Instr):
-            yield n, extents
+            out.append((n, extents))
         else:
-            raise SimError(f"program body holds a {type(n).__name__}; want Instr or Loop")
+            out.append((n, None))
+    return out
 
 
 class _Ctx:
@@ -181,6 +184,84 @@ def _bank_ok(a: Addr, extents: dict, bank: int, flo: int, fhi: int, cap: int = 4
     return all((r + flo) // bank == (r + fhi - 1) // bank for r in res)
 
 
+def _ap_ok(ap, ext: dict, ctx: _Ctx, tensors: dict, buffers: dict) -> bool:
+    """True when _InstrCheck.check_ap would accept `ap`: the same rules in one pass, without
+    building messages (a False sends the caller to check_ap, which raises the named error)."""
+    if type(ap) is not AP:
+        return False
+    size = DTYPE_SIZE.get(ap.dtype)
+    mem = ap.mem
+    dims = ap.dims
+    if size is None or mem not in _MEMS or not dims:
+        return False
+    for stride, n in dims:
+        if type(n) is not int or n < 1 or type(stride) is not int:
+            return False
+    off = ap.offset
+    lo = hi = off.base
+    for var, coef, mod in off.terms:
+        e = ext.get(var)
+        if e is None or type(mod) is not int or mod < 0:
+            return False
+        c = coef * ((e if e < mod else mod) if mod else e) - coef
+        if c < 0:
+            lo += c
+        else:
+            hi += c
+    if mem == "hbm":
+        for stride, n in dims:
+            c = stride * (n - 1)
+            if c < 0:
+                lo += c
+            else:
+                hi += c
+        t = tensors.get(ap.name)
+        return (t is not None and ap.dtype == t.dtype and ap.part == 0 and lo >= 0
+                and hi < ctx.sizes[ap.name])
+    for stride, n in dims[1:]:
+        c = size * stride * (n - 1)
+        if c < 0:
+            lo += c
+        else:
+            hi += c
+    part = ap.part
+    if dims[0][0] != 1 or part < 0 or part + dims[0][1] > ctx.partitions:
+        return False
+    if off.base % size:
+        return False
+    for _, c, _ in off.terms:
+        if c % size:
+            return False
+    end = hi + size
+    if lo < 0 or end > ctx.caps[mem]:
+        return False
+    if buffers:
+        b = buffers.get(ap.name)
+        if (b is None or b.mem != mem or part < b.part
+                or part + dims[0][1] > b.part + b.partitions
+                or lo < b.offset or end > b.offset + b.size):
+            return False
+    return True
+
+
+def _plain_dma_ok(ins: Instr, ext: dict, ctx: _Ctx, tensors: dict, buffers: dict) -> bool:
+    """True when `ins` is a DMA without attributes that _InstrCheck.run() would accept (most
+    instructions of a program: each transfer is split over the queues); False: run()."""
+    if (ins.op != "dma" or ins.attrs or ins.dst2 is not None or len(ins.srcs) != 1
+            or ins.engine not in ctx.queues):
+        return False
+    dst, src = ins.dst, ins.srcs[0]
+    if not (_ap_ok(dst, ext, ctx, tensors, buffers) and _ap_ok(src, ext, ctx, tensors, buffers)
+            and dst.dtype == src.dtype):
+        return False
+    n = m = 1                       # same element count (num_elements, without the properties)
+    for _, size in dst.dims:
+        n *= size
+    for _, size in src.dims:
+        m *= size
+    return n == m
+
+
 class _InstrCheck:
     def __init__(self, index, ins: Instr, extents: dict, spec: MachineSpec, tensors, buffers,
                  ctx: _Ctx | None = None):
@@ -234,17 +315,6 @@ class _InstrCheck:
         self.check_acc()
         getattr(self, "op_" + ins.op)()
 
-    def plain_dma_ok(self) -> bool:
-        """True when the instruction is a DMA without attributes that run() would accept (most
-        instructions of a program: each transfer is split over the queues); False: run()."""
-        ins = self.ins
-        if (ins.op != "dma" or ins.attrs or ins.dst2 is not None or len(ins.srcs) != 1
-                or ins.engine not in self.ctx.queues):
-            return False
-        dst, src = ins.dst, ins.srcs[0]
-        return (self.ap_ok(dst) and self.ap_ok(src) and dst.dtype == src.dtype
-                and dst.num_elements == src.num_elements)
-
     def operands(self):
         ins = self.ins
         names = {"matmul": ("stationary", "moving"), "select": ("pred", "on_true", "on_false"),
@@ -263,62 +333,8 @@ class _InstrCheck:
 
     # -- one operand ---------------------------------------------------------------------
     def ap_ok(self, ap) -> bool:
-        """True when check_ap would accept `ap`: the same rules in one pass, without building
-        messages (a False sends the caller to check_ap, which raises the named error)."""
-        if type(ap) is not AP:
-            return False
-        size = DTYPE_SIZE.get(ap.dtype)
-        mem = ap.mem
-        dims = ap.dims
-        if size is None or mem not in _MEMS or not dims:
-            return False
-        for stride, n in dims:
-            if type(n) is not int or n < 1 or type(stride) is not int:
-                return False
-        ext = self.extents
-        off = ap.offset
-        lo = hi = off.base
-        for var, coef, mod in off.terms:
-            e = ext.get(var)
-            if e is None or type(mod) is not int or mod < 0:
-                return False
-            c = coef * ((e if e < mod else mod) if mod else e) - coef
-            if c < 0:
-                lo += c
-            else:
-                hi += c
-        ctx = self.ctx
-        if mem == "hbm":
-            for stride, n in dims:
-                c = stride * (n - 1)
-                if c < 0:
-                    lo += c
-                else:
-                    hi += c
-            t = self.tensors.get(ap.name)
-            return (t is not None and ap.dtype == t.dtype and ap.part == 0 and lo >= 0
-                    and hi < ctx.sizes[ap.name])
-        for stride, n in dims[1:]:
-            c = size * stride * (n - 1)
-            if c < 0:
-                lo += c
-            else:
-                hi += c
-        part = ap.part
-        if dims[0][0] != 1 or part < 0 or part + dims[0][1] > ctx.partitions:
-            return False
-        if off.base % size or any(c % size for _, c, _ in off.terms):
-            return False
-        end = hi + size
-        if lo < 0 or end > ctx.caps[mem]:
-            return False
-        if self.buffers:
-            b = self.buffers.get(ap.name)
-            if (b is None or b.mem != mem or part < b.part
-                    or part + dims[0][1] > b.part + b.partitions
-                    or lo < b.offset or end > b.offset + b.size):
-                return False
-        return True
+        """True when check_ap would accept `ap` (see _ap_ok)."""
+        return _ap_ok(ap, self.extents, self.ctx, self.tensors, self.buffers)
 
     def check_ap(self, label: str, ap: AP):
         spec = self.spec

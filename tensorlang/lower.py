@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -160,6 +161,14 @@ class Val:
     part: int = 0
     key: object = None             # value-numbering key (equal keys hold equal data), or None
 
+    def with_deps(self, deps: tuple, key=None) -> "Val":
+        """This tile read over `deps` (dataclasses.replace without its per-field work)."""
+        return Val(self.mem, self.base, deps, self.strides, self.dtype, self.name, self.part, key)
+
+    def with_key(self, key) -> "Val":
+        return Val(self.mem, self.base, self.deps, self.strides, self.dtype, self.name,
+                   self.part, key)
+
 
 @dataclass
 class Env:
@@ -169,10 +178,14 @@ class Env:
     pipe: dict = field(default_factory=dict)
 
     def bind(self, atom: str, value: Lin, **ext) -> "Env":
-        e = Env(dict(self.lin), dict(self.ext), self.loops, dict(self.pipe))
-        e.lin[atom] = value
-        e.ext.update(ext)
-        return e
+        """A copy with `atom` bound; shares `pipe` (copy it before changing it)."""
+        lin = self.lin.copy()
+        lin[atom] = value
+        if ext:
+            ext = {**self.ext, **ext}
+        else:
+            ext = self.ext.copy()
+        return Env(lin, ext, self.loops, self.pipe)
 
 
 # ----------------------------------------------------------------------------------------
@@ -390,6 +403,7 @@ class Lowerer:
         self.cursor = {"sbuf": 0, "psum": 0}              # next-fit placement (see place())
         self.memo: list[dict] = [{}]
         self.names: dict[str, int] = {}
+        self.flats: dict = {}        # (tensor, id(index)) -> (index, flat index); see flat()
         self.scratch: set[str] = set()
         self.attached = {ss.stage: ss.attach for ss in sched.state.stages if ss.attach}
         self.stage_of_tensor = {st.tensor: st for st in prog.stages}
@@ -413,13 +427,17 @@ class Lowerer:
             self.prior, self.proj = prior[0], dict(prior[1])
             # the first pass knows what the rest of the program needs: the rest is free
             self.psum_room = spec.psum_partition_bytes - prior[2] - spec.psum_bank_bytes
-        hbm = sum(int(np.prod(t.shape)) * ITEMSIZE[t.dtype] for t in (*prog.inputs, *prog.outputs))
+        hbm = sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in (*prog.inputs, *prog.outputs))
         self.hbm_ps = hbm * 1000.0 / spec.dma_gbps         # the memory floor of the kernel
 
     # -- plumbing ---------------------------------------------------------------------------
-    def emit(self, ins: isa.Instr):
-        if isinstance(ins, isa.Instr) and ins.engine in self.busy:
-            self.busy[ins.engine] += instr_cost(ins, self.spec).ii_ps * self.trips[-1]
+    def emit(self, ins: isa.Instr, ii_ps: int | None = None):
+        """Append `ins` (or a Loop) to the current body; a compute instruction adds its issue
+        interval (`ii_ps` when the caller has it) x loop trips to its engine's load."""
+        if ins.__class__ is isa.Instr and ins.engine in self.busy:
+            if ii_ps is None:
+                ii_ps = instr_cost(ins, self.spec).ii_ps
+            self.busy[ins.engine] += ii_ps * self.trips[-1]
             bid = id(self.body[1]) if len(self.body) > 1 else None
             anc = {ins.engine}
             for a in ins.srcs:
@@ -431,6 +449,13 @@ class Lowerer:
                     self.writer[a.name] = ins.engine
                     self.anc[a.name] = (bid, frozenset(anc))
         self.body[-1].append(ins)
+
+    def close(self):
+        """Drop the lowering state once the program is assembled: recursive local functions
+        of the lowering (reference cycles, freed only by the garbage collector) may still
+        refer to this Lowerer, and would keep every tile, memo and instruction alive until
+        the next collection (which then has all of them to traverse)."""
+        self.__dict__.clear()
 
     def fresh(self, base: str) -> str:
         n = self.names.get(base, 0)
@@ -596,7 +621,7 @@ class Lowerer:
                 e = env.bind(u, Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
                 if u in job.pipe:
-                    e.pipe[u] = job.pipe[u]
+                    e.pipe = {**e.pipe, u: job.pipe[u]}
                 self.loop(u, count, lambda e=e: body(e))
 
     def emit_loops(self, job: Job, k: int, env: Env):
@@ -733,13 +758,13 @@ class Lowerer:
 
     def emit_store_nest(self, job: Job, k: int, env: Env):
         inner = [u for u in job.loops[k:] if job.kind[u] == "spatial"]
+        self._store_nest(job, inner, 0, env)
 
-        def rec(i, e):
-            if i == len(inner):
-                self.store_tile(job, e)
-                return
-            self.bind_loop(job, inner[i], e, lambda e2: rec(i + 1, e2))
-        rec(0, env)
+    def _store_nest(self, job: Job, inner: list, i: int, env: Env):
+        if i == len(inner):
+            self.store_tile(job, env)
+            return
+        self.bind_loop(job, inner[i], env, lambda e2: self._store_nest(job, inner, i + 1, e2))
 
     def store_tile(self, job: Job, env: Env):
         ext = self.tile_ext(job, env, spatial_only=True)
@@ -791,6 +816,16 @@ class Lowerer:
 
     # -- HBM access patterns -----------------------------------------------------------------
     def flat(self, tensor: str, index: tuple[Affine, ...]) -> Affine:
+        """The flat element index of tensor[index] (memoized per index tuple: a Load's index
+        is flattened by every operand_key / hbm_ap of that load)."""
+        hit = self.flats.get((tensor, id(index)))
+        if hit is not None and hit[0] is index:
+            return hit[1]
+        fl = self._flat(tensor, index)
+        self.flats[tensor, id(index)] = (index, fl)
+        return fl
+
+    def _flat(self, tensor: str, index: tuple[Affine, ...]) -> Affine:
         shape = self.tensors[tensor].shape
         coefs: dict = {}
         const, stride = 0, 1
@@ -850,7 +885,7 @@ class Lowerer:
         key = self.operand_key(ld, part, deps, env, ext)
         for m in reversed(self.memo):
             if key in m:
-                return dataclasses.replace(m[key](env, deps), key=key)
+                return m[key](env, deps).with_key(key)
         P = ext[part]
         producer = self.stage_of_tensor.get(ld.tensor)
         level = -1
@@ -863,8 +898,8 @@ class Lowerer:
             v, level = self.broadcast(ld, part, deps, env, ext), 1
         else:
             v = self.load(ld, part, deps, env, ext, P)
-        self.memo[level][key] = lambda e, d, v=v: dataclasses.replace(v, deps=d)
-        return dataclasses.replace(v, key=key)
+        self.memo[level][key] = lambda e, d, v=v: v.with_deps(d, v.key)
+        return v.with_key(key)
 
     @staticmethod
     def attached_key(ld: Load, part: str, deps, ext) -> tuple:
@@ -1148,7 +1183,7 @@ class Lowerer:
                                      base=base.addr(), pcoef=e.index.coef(part),
                                      fcoefs=tuple(e.index.coef(f) for f in deps)))
             self.memo[-1 if self.home is None else self.home][key] = \
-                lambda e_, d, v=out: dataclasses.replace(v, deps=d)
+                lambda e_, d, v=out: v.with_deps(d, v.key)
             return out
         if isinstance(e, Cast):
             a = self.eval(job, e.a, env, ext, dims, part)
@@ -1320,7 +1355,7 @@ class Lowerer:
                                               aps, **attrs))
         if key is not None:
             self.memo[-1 if home is None else home][key] = \
-                lambda e, d, v=out: dataclasses.replace(v, deps=d)
+                lambda e, d, v=out: v.with_deps(d, v.key)
         return out
 
     def const_tile(self, value: float, P: int, env) -> Val:
@@ -1379,8 +1414,18 @@ class Lowerer:
         free = [e for e in engines if not any(e in anc and w != e for w, anc in seen)]
         engines = free or engines
 
+        iis = {}    # (id(instr), engine) -> (instr on engine, instr (keeps the id), ii ps)
+
+        def on(i, e):
+            k = (id(i), e)
+            hit = iis.get(k)
+            if hit is None:
+                ie = i if i.engine == e else isa.Instr(i.op, e, i.dst, i.srcs, i.attrs, i.dst2)
+                hit = iis[k] = (ie, i, instr_cost(ie, self.spec).ii_ps)
+            return hit
+
         def cost(i, e):
-            return instr_cost(dataclasses.replace(i, engine=e), self.spec).ii_ps * trips
+            return on(i, e)[2] * trips
         k = self.ncall
         self.ncall += 1
         if self.prior is None:
@@ -1403,8 +1448,9 @@ class Lowerer:
                 plan = split
         mine = {}
         for e, i in plan:
-            mine[e] = mine.get(e, 0) + cost(i, e)
-            self.emit(dataclasses.replace(i, engine=e))
+            ie, _, ii = on(i, e)
+            mine[e] = mine.get(e, 0) + ii * trips
+            self.emit(ie, ii)
         self.decisions.append(mine)
         if self.prior is not None:
             for e in COMPUTE_ENGINES:
@@ -1448,10 +1494,10 @@ class Lowerer:
                 plan, start = [], 0
                 for e in subset:
                     k = share[e]
-                    piece = dataclasses.replace(
-                        ins, dst=_slice_ap(ins.dst, d, start, k),
-                        srcs=tuple(_slice_ap(a, d, start, k) if a.shape == shape else a
-                                   for a in ins.srcs))
+                    piece = isa.Instr(
+                        ins.op, ins.engine, _slice_ap(ins.dst, d, start, k),
+                        tuple(_slice_ap(a, d, start, k) if a.shape == shape else a
+                              for a in ins.srcs), ins.attrs, ins.dst2)
                     plan.append((e, piece))
                     start += k
                 peak = max(base[e] + cost(i, e) for e, i in plan)
@@ -1606,8 +1652,8 @@ def _slice_ap(ap: isa.AP, d: int, start: int, n: int) -> isa.AP:
     """Elements [start, start + n) of dimension d (a free dimension) of `ap`."""
     stride, _ = ap.dims[d]
     unit = 1 if ap.mem == "hbm" else ap.itemsize
-    return dataclasses.replace(ap, offset=ap.offset + start * stride * unit,
-                               dims=ap.dims[:d] + ((stride, n),) + ap.dims[d + 1:])
+    return isa.AP(ap.mem, ap.name, ap.dtype, ap.offset + start * stride * unit,
+                  ap.dims[:d] + ((stride, n),) + ap.dims[d + 1:], ap.part)
 
 
 def _sub_ap(ap: isa.AP, start: int, n: int) -> isa.AP:
@@ -1624,15 +1670,29 @@ def _sub_ap(ap: isa.AP, start: int, n: int) -> isa.AP:
 # building jobs from stages
 
 
+def _expand_fused(v: str, fused: dict) -> list[str]:
+    """The loops a (possibly fused) loop v stands for, outer first (fused: var -> Fuse)."""
+    f = fused.get(v)
+    if f is None:
+        return [v]
+    return _expand_fused(f.outer, fused) + _expand_fused(f.inner, fused)
+
+
+def _split_strides(v: str, s: int, split_by_parent: dict, out: dict) -> dict:
+    """out[atom] = stride of each leaf of v's split tree (v itself weighing s)."""
+    sp = split_by_parent.get(v)
+    if sp is not None:
+        _split_strides(sp.outer, s * sp.factor, split_by_parent, out)
+        _split_strides(sp.inner, s, split_by_parent, out)
+    else:
+        out[v] = s
+    return out
+
+
 def atoms_of(ss: StageSched) -> tuple[list[str], dict[str, Split], dict[str, int]]:
     """Loop order with fused loops expanded, split relations by child, root extents."""
     fused = {r.fused: r for r in ss.relations if isinstance(r, Fuse)}
-
-    def expand(v):
-        if v in fused:
-            return expand(fused[v].outer) + expand(fused[v].inner)
-        return [v]
-    order = [a for v in ss.order for a in expand(v)]
+    order = [a for v in ss.order for a in _expand_fused(v, fused)]
     split_of = {}
     for r in ss.relations:
         if isinstance(r, Split):
@@ -1662,32 +1722,20 @@ def make_job(lw: Lowerer, st: Stage, ss: StageSched, ren: dict[str, str] | None,
     def r(v):
         return ren.get(v, v)
 
-    def strides_of(root):
-        """atom -> its stride in `root` (root = sum of stride * atom over its split tree)."""
-        out = {}
-
-        def rec(v, s):
-            sp = split_by_parent.get(v)
-            if sp is not None:
-                rec(sp.outer, s * sp.factor)
-                rec(sp.inner, s)
-            else:
-                out[v] = s
-        rec(root, 1)
-        return out
     m: dict[str, Affine] = dict(spatial_map or {})
     for a in st.axes + st.reduce_axes:
         if a.name in m:
             continue
-        terms = {r(atom): s for atom, s in strides_of(a.name).items()}
+        # atom -> its stride in the root (root = sum of stride * atom over its split tree)
+        strides = _split_strides(a.name, 1, split_by_parent, {})
+        terms = {r(atom): s for atom, s in strides.items()}
         m[a.name] = Affine.make(terms)
     value = _subst(st.value, m)
     init = _subst(st.init, m) if st.init is not None else None
     if isinstance(init, Const) and st.reduce and init.value == REDUCE_IDENTITY[st.reduce]:
         init = None
     def atoms(v):  # a fused loop is its component loops (outer first)
-        f = fuse_of.get(v)
-        return atoms(f.outer) + atoms(f.inner) if f is not None else [v]
+        return _expand_fused(v, fuse_of)
     tile = {a for v in ss.tile_vars() for a in atoms(v)}
     vec = [a for v in ss.vectorized for a in atoms(v)]
     if spatial_map is not None:
@@ -1766,7 +1814,9 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
     # two passes: the second picks engines against the first pass's projected loads
     lw = _lower_jobs(prog, sched, spec, pads, None)
     if lw.decisions:
+        first = lw
         lw = _lower_jobs(prog, sched, spec, pads, (lw.decisions, lw.busy, lw.psum_peak))
+        first.close()
     tensors = []
     for t in prog.inputs:
         tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "input"))
@@ -1778,6 +1828,7 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
             tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "scratch"))
     body = assign_queues(tuple(lw.body[0]), spec)
     out = isa.Program(prog.name, tuple(tensors), body, tuple(lw.buffers))
+    lw.close()
     return out, prog
 
 
@@ -1804,6 +1855,7 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
         lw.job_buf0 = len(lw.buffers)
         with lw.level():
             lw.run_job(job, Env({}, {}))
+        job.hooks.clear()       # its closures refer to the job: break the cycle (else: GC)
     return lw
 
 
@@ -1847,17 +1899,20 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
             out.append(isa.Instr("dma", q, _sub_ap(dst, s0, k), (_sub_ap(src, s0, k),)))
         return out
 
-    def walk(nodes) -> list:
-        out = []
-        for node in nodes:
-            if isinstance(node, isa.Loop):
-                out.append(isa.Loop(node.var, node.extent, tuple(walk(node.body))))
-            elif node.op == "dma":
-                out.extend(split(node))
-            else:
-                out.append(node)
-        return out
-    return tuple(walk(body))
+    return tuple(_map_dmas(body, split))
+
+
+def _map_dmas(nodes, fn) -> list:
+    """`nodes` with every DMA replaced by the instructions fn(dma) returns (loops rebuilt)."""
+    out = []
+    for node in nodes:
+        if isinstance(node, isa.Loop):
+            out.append(isa.Loop(node.var, node.extent, tuple(_map_dmas(node.body, fn))))
+        elif node.op == "dma":
+            out.extend(fn(node))
+        else:
+            out.append(node)
+    return out
 
 
 def _check_attachments(prog: Program, sched: Schedule):
