@@ -608,6 +608,13 @@ class Lowerer:
         else:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
+        if (not env.loops and job.hooks.get(u) and parts[0][1] > 2
+                and u not in job.unroll and u not in job.pipe
+                and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
+            # the first iteration of the outermost (non-pipelined) loop that hosts fills is
+            # peeled: its loads precede every store, so they use every DMA queue
+            # (assign_queues) and the first block's operands arrive sooner
+            parts = [(0, 1, parts[0][2]), (1, parts[0][1] - 1, parts[0][2])] + parts[1:]
         for start, count, inner_ext in parts:
             if count <= 0:
                 continue
@@ -618,7 +625,7 @@ class Lowerer:
                 for c in range(start, start + count):
                     body(env.bind(u, Lin(c), **extra))
             else:
-                e = env.bind(u, Lin.var(u), **extra)
+                e = env.bind(u, Lin.var(u) + start if start else Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
                 if u in job.pipe:
                     e.pipe = {**e.pipe, u: job.pipe[u]}
@@ -1865,7 +1872,10 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     in-order, so a load queued behind a store (which waits for its tile to be computed) would
     stall the compute that needs it. Each transfer is cut along its first dimension into up
     to one piece per queue of its pool (pieces of at least DMA_PIECE_BYTES), assigned round
-    robin. Without both kinds, or with one queue, there is one pool of all queues."""
+    robin. Without both kinds, or with one queue, there is one pool of all queues. Loads
+    that come before the first store in program order (the prologue: top-level fills, the
+    peeled first iteration of a block loop, see Lowerer.bind_loop) use every queue: no store
+    is queued ahead of them."""
     n = spec.dma_queues
     moved = {False: 0, True: 0}
     for ins, loops in isa.walk_instrs(body):
@@ -1883,9 +1893,17 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     blk = partition_block(spec)                    # pieces on whole partition blocks
     queues = [f"q{i}" for i in range(n)]
 
+    first_store = next((k for k, node in enumerate(body)
+                        if any(i.op == "dma" and i.dst.mem == "hbm" for i, _ in
+                               isa.walk_instrs((node,)))), len(body))
+    prologue = {id(i) for node in body[:first_store] for i, _ in isa.walk_instrs((node,))
+                if i.op == "dma"}      # loads before the first store: no store can wait on them
+
     def split(ins: isa.Instr) -> list:
         kind = ins.dst.mem == "hbm" and pools[True] != pools[False]
         lo, size = pools[kind]
+        if id(ins) in prologue:
+            lo, size = 0, n
         dst, src = ins.dst, ins.srcs[0]
         P = dst.dims[0][1]
         nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
