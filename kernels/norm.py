@@ -32,6 +32,17 @@ def _vec(what, name, v, n):
         raise tl.TensorlangError(f"{what}: {name} has shape {v.shape}, expected ({n},)")
 
 
+def _row_max_sumexp(X, i, N, mx, total):
+    """Row i's statistics of (log-)softmax: mx[i] = max_j X[i, j], total[i] = sum_j
+    exp(X[i, j] - mx[i]) (called inside the kernel's row loop)."""
+    mx[i] = -tl.inf
+    for j in tl.reduce(N):
+        mx[i] = tl.max(mx[i], X[i, j])
+    total[i] = 0.0
+    for j in tl.reduce(N):
+        total[i] += tl.exp(X[i, j] - mx[i])
+
+
 @tl.kernel
 def softmax_algo(X):
     M, N = _rows("softmax", X)
@@ -39,12 +50,7 @@ def softmax_algo(X):
     total = tl.tensor((M,), "float32", name="total")
     Y = tl.tensor((M, N), X.dtype, name="Y")
     for i in tl.grid(M):
-        mx[i] = -tl.inf
-        for j in tl.reduce(N):
-            mx[i] = tl.max(mx[i], X[i, j])
-        total[i] = 0.0
-        for j in tl.reduce(N):
-            total[i] += tl.exp(X[i, j] - mx[i])
+        _row_max_sumexp(X, i, N, mx, total)
         for j in tl.grid(N):
             Y[i, j] = tl.exp(X[i, j] - mx[i]) / total[i]
     return Y
@@ -60,12 +66,7 @@ def log_softmax_algo(X):
     total = tl.tensor((M,), "float32", name="total")
     Y = tl.tensor((M, N), X.dtype, name="Y")
     for i in tl.grid(M):
-        mx[i] = -tl.inf
-        for j in tl.reduce(N):
-            mx[i] = tl.max(mx[i], X[i, j])
-        total[i] = 0.0
-        for j in tl.reduce(N):
-            total[i] += tl.exp(X[i, j] - mx[i])
+        _row_max_sumexp(X, i, N, mx, total)
         for j in tl.grid(N):
             Y[i, j] = X[i, j] - mx[i] - tl.log(total[i])
     return Y
