@@ -77,7 +77,7 @@ def parse_workload(key: str) -> tuple[str, tuple[tuple[str, tuple[int, ...]], ..
     return m.group(1), args
 
 
-def _shape_distance(a: str, b: str) -> float | None:
+def shape_distance(a: str, b: str) -> float | None:
     """Sum of |log2| shape ratios between two workloads; None when not comparable
     (different dtypes, number of inputs or ranks)."""
     try:
@@ -264,7 +264,7 @@ class Records:
                 (kernel, machine)).fetchall()
         scored = []
         for row in rows:
-            d = _shape_distance(workload, row[1])
+            d = shape_distance(workload, row[1])
             if d is not None:
                 scored.append((d, row[1], _record(row[:len(_COLS)])))
         scored.sort(key=lambda x: (x[0], x[1]))

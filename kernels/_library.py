@@ -16,7 +16,6 @@ Compiled kernels are cached per (kernel, workload, static args, machine).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,22 +57,10 @@ def user_records(kernel: str, machine: str) -> list:
     return Records(path).all(kernel, machine)
 
 
-def _shape_distance(a: str, b: str) -> float | None:
-    from autotune.records import parse_workload  # noqa: PLC0415
-    (_, xa), (_, xb) = parse_workload(a), parse_workload(b)
-    if len(xa) != len(xb):
-        return None
-    d = 0.0
-    for (da, sa), (db, sb) in zip(xa, xb):
-        if da != db or len(sa) != len(sb):
-            return None
-        d += sum(abs(math.log2(p / q)) for p, q in zip(sa, sb))
-    return d
-
-
 def candidates(kernel: str, workload: str, machine: str) -> list[tuple[str, object]]:
     """[(source, Record)]: the best exact record, then the best record of each other
     workload by shape distance (nearest first)."""
+    from autotune.records import shape_distance  # noqa: PLC0415
     recs = [r for r in shipped_records() if r.kernel == kernel and r.machine == machine]
     recs += user_records(kernel, machine)
     best: dict[str, object] = {}
@@ -83,7 +70,7 @@ def candidates(kernel: str, workload: str, machine: str) -> list[tuple[str, obje
     out = [("record", best.pop(workload))] if workload in best else []
     near = []
     for w, r in best.items():
-        d = _shape_distance(workload, w)
+        d = shape_distance(workload, w)
         if d is not None:
             near.append((d, w, r))
     out += [("nearest record", r) for _, _, r in sorted(near, key=lambda x: x[:2])]
