@@ -1521,10 +1521,10 @@ class Lowerer:
         if d is None:
             return None
         units = shape[d]
-        step = 1       # units per piece boundary: no false WAW between pieces
-        for a in (ins.dst, *ins.srcs):
-            if a.shape == shape and a.dims[d][0]:
-                step = max(step, -(-self.spec.dep_granule_bytes // (abs(a.dims[d][0]) * a.itemsize)))
+        step = 1       # units per piece boundary: no false WAW between pieces (pieces may
+        a = ins.dst    # share a source granule: reads do not order them)
+        if a.dims[d][0]:
+            step = max(step, -(-self.spec.dep_granule_bytes // (abs(a.dims[d][0]) * a.itemsize)))
         n = units // step
         if n < 2:
             return None
