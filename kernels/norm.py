@@ -87,11 +87,11 @@ def layernorm_algo(X, gamma, beta, eps=1e-5):
         mean[i] = 0.0
         for j in tl.reduce(N):
             mean[i] += X[i, j] * (1.0 / N)
-        var[i] = 0.0
+        var[i] = 0.0        # N * variance: the 1/N goes into the rsqrt's scale
         for j in tl.reduce(N):
-            var[i] += tl.square(X[i, j] - mean[i]) * (1.0 / N)
+            var[i] += tl.square(X[i, j] - mean[i])
         for j in tl.grid(N):
-            Y[i, j] = (X[i, j] - mean[i]) * tl.rsqrt(var[i] + eps) * gamma[j] + beta[j]
+            Y[i, j] = (X[i, j] - mean[i]) * tl.rsqrt(var[i] * (1.0 / N) + eps) * gamma[j] + beta[j]
     return Y
 
 

@@ -414,6 +414,7 @@ class Lowerer:
         self.keep: int | None = None                      # memo level for attached producers' tiles
         self.writer: dict = {}                            # buffer -> engine of its last writer
         self.hoisting = False                             # placing a buffer before the job's loops
+        self.bc_sbuf = False                              # broadcast() into SBUF, not PSUM
         self.job_buf0 = 0                                 # first buffer of the current root job
         self.anc: dict = {}      # buffer -> (outermost loop body, engines its value came through)
         self.decisions: list = []   # per emit_balanced call: {engine: load it added}
@@ -953,7 +954,7 @@ class Lowerer:
             row_ok = len(deps) == 1 and t.dtype in self.spec.pe_rate
             v = None
             self.hoisting = True
-            if row_ok and not any(ss.tensorized for ss in self.sched.state.stages):
+            if row_ok and not self.bc_sbuf and not any(ss.tensorized for ss in self.sched.state.stages):
                 F, bank = ext[deps[0]], self.spec.psum_bank_bytes
                 n = -(-F * ITEMSIZE[t.dtype] // bank)
                 if (F <= self.spec.max_free_elems_psum
@@ -1227,7 +1228,7 @@ class Lowerer:
         are None, floats or per-partition [P,1] Vals (folded into one activation)."""
         if isinstance(e, (Binary,)) and e.op in ("add", "sub", "mul"):
             sa, sb = self.scalar_valued(e.a, dims), self.scalar_valued(e.b, dims)
-            if sb and not sa:
+            if sb and (not sa or isinstance(e.b, Const) and not isinstance(e.a, Const)):
                 x, s, b = self.affine_form(job, e.a, env, ext, dims, part)
                 if e.op == "mul" and s is None and b is None:
                     return x, self.eval(job, e.b, env, ext, dims, part), None
@@ -1248,10 +1249,12 @@ class Lowerer:
         """func(x * s + b) in one activation; with `reduce` = (op, dst2 AP, acc attrs) the
         free-axis reduction of the result goes to dst2 in the same instruction."""
         if not x.deps and isinstance(s, (float, type(None))) and isinstance(b, (float, type(None))):
-            if s not in (None, 1.0) or b not in (None, 0.0):   # a [P,1] value: plain passes
+            # a [P,1] value: plain passes -- except f(x * s + b) with both constants, one
+            # activation (layernorm's rsqrt(ssq / N + eps): one dependent step less)
+            if s in (None, 1.0) or b in (None, 0.0):
                 x = self.binary("mul", x, s, env, ext, [], P) if s is not None else x
                 x = self.binary("add", x, b, env, ext, [], P) if b is not None else x
-            s = b = None
+                s = b = None
         srcs, attrs = [x], {"func": func}
         for k, v in (("scale", s), ("bias", b)):
             if isinstance(v, Val):
@@ -1264,6 +1267,10 @@ class Lowerer:
 
     def binop(self, job, e, env, ext, dims, part, odt):
         P = ext[part]
+        if odt is not None and e.op == "add":
+            v = self.prefilled_fma(job, e, env, ext, dims, part, odt)
+            if v is not None:
+                return v
         sa, sb = self.scalar_valued(e.a, dims), self.scalar_valued(e.b, dims)
         if sa != sb:
             # x op s (or s op x): one tensor_scalar, taking a second scalar op from x = y op0 s0
@@ -1291,6 +1298,43 @@ class Lowerer:
         a = self.eval(job, e.a, env, ext, dims, part)
         b = self.eval(job, e.b, env, ext, dims, part)
         return self.binary(e.op, a, b, env, ext, dims, P, dst_dtype=odt or "float32")
+
+    def prefilled_fma(self, job, e, env, ext, dims, part, odt):
+        """A store's top `t * g + b` with g, b per-feature vectors (no partition index:
+        layernorm's gamma, beta): the output tile is filled with b first (a copy that needs
+        no row statistic, so an engine otherwise waiting on one does it early; b stays in
+        SBUF so gpsimd can), then one tensor_tensor t * g accumulates into it (acc=add) -- one
+        pass instead of a multiply and an add, the same float32 sum rounded once. None when
+        `e` is not that (nothing emitted)."""
+        def vec(x):
+            return (isinstance(x, Load) and not any(ix.coef(part) for ix in x.index)
+                    and set(dims) <= {v for ix in x.index for v, c in ix.terms if c})
+        for m, be in ((e.a, e.b), (e.b, e.a)):
+            if isinstance(m, Binary) and m.op == "mul" and vec(be) and (vec(m.a) or vec(m.b)):
+                break
+        else:
+            return None
+        ge, te = (m.b, m.a) if vec(m.b) else (m.a, m.b)
+        if self.scalar_valued(te, dims) or not (self.tensors[be.tensor].dtype == odt
+                                                or odt == "float32"):
+            return None
+        P = ext[part]
+        self.bc_sbuf = True
+        try:
+            b = self.eval(job, be, env, ext, dims, part)
+        finally:
+            self.bc_sbuf = False
+        g = self.eval(job, ge, env, ext, dims, part)
+        out = self.tile(P, tuple(dims), ext, odt, "fma", env)
+        dst = self.ap(out, P, list(dims), ext)
+        self.emit_balanced(isa.Instr.make("tensor_copy", "pool", dst, (self.ap(b, P, list(dims), ext),)))
+        t = self.eval(job, te, env, ext, dims, part)
+        if isinstance(t, float):
+            t = self.const_tile(t, P, env)
+        self.emit_balanced(isa.Instr.make("tensor_tensor", "dve", dst,
+                                          (self.ap(t, P, list(dims), ext),
+                                           self.ap(g, P, list(dims), ext)), op="mul", acc="add"))
+        return out
 
     @staticmethod
     def scalar_ok(s) -> bool:
@@ -1477,10 +1521,10 @@ class Lowerer:
         if d is None:
             return None
         units = shape[d]
-        step = 1       # units per piece boundary: no false WAW between pieces
-        for a in (ins.dst, *ins.srcs):
-            if a.shape == shape and a.dims[d][0]:
-                step = max(step, -(-self.spec.dep_granule_bytes // (abs(a.dims[d][0]) * a.itemsize)))
+        step = 1       # units per piece boundary: no false WAW between pieces (pieces may
+        a = ins.dst    # share a source granule: reads do not order them)
+        if a.dims[d][0]:
+            step = max(step, -(-self.spec.dep_granule_bytes // (abs(a.dims[d][0]) * a.itemsize)))
         n = units // step
         if n < 2:
             return None

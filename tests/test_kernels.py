@@ -12,6 +12,7 @@ from kernels import _library
 from kernels.shapes import SHAPES, workload
 from tensorlang import cli
 from tensorlang.dtypes import assert_close, np_dtype, random_array
+from sim.isa import walk_instrs
 
 
 def R(shape, dtype="bfloat16", seed=0, scale=1.0):
@@ -312,6 +313,62 @@ def test_norm_statistics_fuse_and_gamma_is_loaded_once():
                    if ln.startswith("  "))
     X, g = random_array((512, 1024), "bfloat16", seed=1), random_array((1024,), "bfloat16", seed=2)
     assert_close(kern.run(X, g), prog.reference(X, g), "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_layernorm_prefills_beta_and_accumulates_gamma_in_one_pass(dtype):
+    """layernorm's output tile is filled with beta first (a copy that needs no statistic),
+    then (x - mean) * rstd * gamma accumulates into it in one tensor_tensor (acc=add): no
+    separate +beta pass; rsqrt(ssq / N + eps) is one activation (scale 1/N, bias eps); the
+    wide normalise splits on destination granules. Values equal numpy, also for rows far
+    from zero mean."""
+    M, N = 512, 1024
+    specs, static = workload("layernorm", (M, N), dtype)
+    prog = kernels.layernorm.trace(*specs)
+    kern = kernels.layernorm.template_schedule(prog, "trn2", 0).build("trn2")
+    body = [ln.strip() for ln in kern.asm().splitlines() if ln.startswith("  ")]
+    tt = [ln for ln in body if ln.startswith("tensor_tensor")]
+    assert len(tt) == 1 and "acc=add op=mul" in tt[0] and "gamma_bc" in tt[0], tt
+    fill = [ln for ln in body if ln.startswith("tensor_copy") and "beta_bc" in ln]
+    assert len(fill) == 1 and tt[0].split()[1].split("[")[0] in fill[0], fill
+    rs = [ln for ln in body if "func=rsqrt" in ln]
+    assert len(rs) == 1 and f"scale={1.0 / N!r}" in rs[0] and "bias=1e-05" in rs[0], rs
+    widths = [i.dst.free_size for i, loops in walk_instrs(kern.program.body)
+              if loops and i.op == "tensor_scalar" and i.attr("op1") == "mul"]
+    assert sum(widths) == N and all(w % 128 == 0 for w in widths), widths
+    X = (random_array((M, N), dtype, seed=1).astype(np.float32) * 3 + 5).astype(np_dtype(dtype))
+    g, b = random_array((N,), dtype, seed=2), random_array((N,), dtype, seed=3)
+    x = f32(X)
+    mu, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
+    assert_close(kern.run(X, g, b), (x - mu) / np.sqrt(var + 1e-5) * f32(g) + f32(b), dtype)
+
+
+@tl.kernel
+def _scale_shift(X, g, b):
+    M, N = X.shape
+    Y = tl.tensor((M, N), X.dtype, name="Y")
+    for i, j in tl.grid(M, N):
+        Y[i, j] = X[i, j] * g[j] + b[j]
+    return Y
+
+
+@pytest.mark.parametrize("bdt", ["bfloat16", "float32"])
+def test_store_of_t_times_vector_plus_vector_is_a_prefill_and_one_accumulating_pass(bdt):
+    """Y = X * g[j] + b[j] under any schedule: b prefills the output tile and X * g
+    accumulates into it (acc=add) -- only when b's values are exact in the store dtype
+    (a float32 b into a bfloat16 Y stays a multiply and an add). Equal to the reference."""
+    prog = _scale_shift.trace(tl.spec((256, 384), "bfloat16"), tl.spec((384,), "bfloat16"),
+                              tl.spec((384,), bdt))
+    X, g = random_array((256, 384), "bfloat16", seed=1), random_array((384,), "bfloat16", seed=2)
+    b = random_array((384,), bdt, seed=3)
+    for s in (prog.schedule(), kernels.layernorm.templates_for(prog)[0][1]):
+        if callable(s):
+            sch = prog.schedule()
+            s(sch, dict(kernels.norm.DEFAULT))
+            s = sch
+        kern = s.build("trn2")
+        assert ("acc=add" in kern.asm()) == (bdt == "bfloat16")
+        assert_close(kern.run(X, g, b), prog.reference(X, g, b), "bfloat16")
 
 
 def test_wide_elementwise_ops_are_split_over_engines_when_they_would_bound_the_kernel():

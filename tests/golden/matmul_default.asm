@@ -20,7 +20,7 @@ loop io 2:
     dma.q9 sbuf:B_t.bfloat16[p96@2560][1,12][4,512][1,4] <- hbm:B.bfloat16[@2048*ko][0,12][1,512][512,4]
     dma.q10 sbuf:B_t.bfloat16[p108@2560][1,12][4,512][1,4] <- hbm:B.bfloat16[@2048*ko][0,12][1,512][512,4]
     dma.q11 sbuf:B_t.bfloat16[p120@2560][1,8][4,512][1,4] <- hbm:B.bfloat16[@2048*ko][0,8][1,512][512,4]
-    tensor_tensor.dve sbuf:mul.float32[p0@6656][1,128][4,320][1,4] <- sbuf:A_t.bfloat16[p0@2048][1,128][0,320][1,4], sbuf:B_t.bfloat16[p0@2560][1,128][4,320][1,4] op=mul
-    tensor_tensor.pool sbuf:mul.float32[p0@11776][1,128][4,192][1,4] <- sbuf:A_t.bfloat16[p0@2048][1,128][0,192][1,4], sbuf:B_t.bfloat16[p0@5120][1,128][4,192][1,4] op=mul
+    tensor_tensor.dve sbuf:mul.float32[p0@6656][1,128][4,352][1,4] <- sbuf:A_t.bfloat16[p0@2048][1,128][0,352][1,4], sbuf:B_t.bfloat16[p0@2560][1,128][4,352][1,4] op=mul
+    tensor_tensor.pool sbuf:mul.float32[p0@12288][1,128][4,160][1,4] <- sbuf:A_t.bfloat16[p0@2048][1,128][0,160][1,4], sbuf:B_t.bfloat16[p0@5376][1,128][4,160][1,4] op=mul
     tensor_reduce.pool sbuf:C_acc.float32[p0@0][1,128][1,512] <- sbuf:mul.float32[p0@6656][1,128][4,512][1,4] acc=add op=add reset_on=[ko]
   dma.q15 hbm:C.float32[@65536*io][512,128][1,512] <- sbuf:C_acc.float32[p0@0][1,128][1,512]
