@@ -33,7 +33,7 @@ import numpy as np
 
 import sim
 from sim import isa
-from sim.timing import instr_cost, partition_block
+from sim.timing import contiguous_runs, instr_cost, partition_block
 
 from .dtypes import np_dtype
 from .ir import (ITEMSIZE, REDUCE_IDENTITY, Affine, Binary, Cast, Compare, Const, Expr,
@@ -1002,6 +1002,11 @@ class Lowerer:
         v = into or self.tile(P, deps, ext, t.dtype, f"{ld.tensor}_t", env)
         dst = self.ap(v, P, list(deps), ext)
         src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
+        wide = [k for k, f in enumerate(deps) if ext[f] > 1]   # size-1 dims: same layout
+        if len(wide) == 1 < len(deps) and (self.transposing(fl, part, [deps[wide[0]]], ext)
+                                           or self.row_blocks(fl, part, [deps[wide[0]]], ext)):
+            src = isa.AP("hbm", src.name, src.dtype, src.offset, (src.dims[0], src.dims[1 + wide[0]]))
+            deps = (deps[wide[0]],)
         if self.transposing(fl, part, deps, ext):
             # partitions would walk contiguous memory: load rows, transpose on the tensor engine
             f = deps[0]
@@ -1868,28 +1873,22 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
 
 def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     """Split every DMA over the DMA queues. Loads and stores (DMAs writing HBM) get their own
-    pools of queues, sized by the bytes each kind moves over the whole program: queues are
-    in-order, so a load queued behind a store (which waits for its tile to be computed) would
-    stall the compute that needs it. Each transfer is cut along its first dimension into up
-    to one piece per queue of its pool (pieces of at least DMA_PIECE_BYTES), assigned round
-    robin. Without both kinds, or with one queue, there is one pool of all queues. Loads
-    that come before the first store in program order (the prologue: top-level fills, the
-    peeled first iteration of a block loop, see Lowerer.bind_loop) use every queue: no store
-    is queued ahead of them."""
+    pools of queues, sized by the queue time each kind costs over the whole program (bytes
+    plus dma_chunk_overhead_bytes per contiguous chunk, times the enclosing loops' trip
+    counts): queues are in-order, so a load queued behind a store (which waits for its tile
+    to be computed) would stall the compute that needs it. Each transfer is cut along its
+    first dimension into up to one piece per queue of its pool (pieces of whole partition
+    blocks and of at least DMA_PIECE_BYTES, floor/ceil blocks each), and each piece goes to
+    the pool's queue with the least queue time so far (its cost times its trip count): the
+    queues' totals over the program differ by at most one piece. A transfer cut into every
+    queue of its pool with blocks left over (e.g. 32 blocks over 15 queues) gets whole
+    blocks on every queue and the left-over rows cut along the last dimension (at granule
+    boundaries, see _column_pieces), so even a transfer inside a loop (the same queues at
+    every trip) keeps every queue equally busy. Without both kinds, or with one queue,
+    there is one pool of all queues. Loads that come before the first store in program order
+    (the prologue: top-level fills, the peeled first iteration of a block loop, see
+    Lowerer.bind_loop) use every queue: no store is queued ahead of them."""
     n = spec.dma_queues
-    moved = {False: 0, True: 0}
-    for ins, loops in isa.walk_instrs(body):
-        if ins.op == "dma":
-            mult = 1
-            for lp in loops:
-                mult *= lp.extent
-            moved[ins.dst.mem == "hbm"] += mult * ins.dst.num_elements * ITEMSIZE[ins.dst.dtype]
-    if n < 2 or not moved[False] or not moved[True]:
-        pools = {False: (0, n), True: (0, n)}
-    else:
-        stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
-        pools = {False: (0, n - stores), True: (n - stores, stores)}
-    nxt = {False: 0, True: 0}
     blk = partition_block(spec)                    # pieces on whole partition blocks
     queues = [f"q{i}" for i in range(n)]
 
@@ -1898,26 +1897,97 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
                                isa.walk_instrs((node,)))), len(body))
     prologue = {id(i) for node in body[:first_store] for i, _ in isa.walk_instrs((node,))
                 if i.op == "dma"}      # loads before the first store: no store can wait on them
+    trips, moved = {}, {False: 0, True: 0}
+    for ins, loops in isa.walk_instrs(body):
+        if ins.op == "dma":
+            mult = math.prod(lp.extent for lp in loops)
+            trips[id(ins)] = trips.get(id(ins), 0) + mult
+            if id(ins) not in prologue:
+                moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
+    if n < 2 or not moved[False] or not moved[True]:
+        pools = {False: (0, n), True: (0, n)}
+    else:
+        stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
+        pools = {False: (0, n - stores), True: (n - stores, stores)}
+    load = [0] * n                                 # queue bytes x trips so far, per queue
+    nxt = {}                                       # per pool: where ties start (round robin)
 
     def split(ins: isa.Instr) -> list:
         kind = ins.dst.mem == "hbm" and pools[True] != pools[False]
-        lo, size = pools[kind]
-        if id(ins) in prologue:
-            lo, size = 0, n
+        lo, size = (0, n) if id(ins) in prologue else pools[kind]
         dst, src = ins.dst, ins.srcs[0]
         P = dst.dims[0][1]
+        nb = -(-P // blk)
         nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
-        pieces = max(1, min(size, P, nbytes // DMA_PIECE_BYTES))
-        step = -(-(-(-P // pieces)) // blk) * blk
-        out = []
-        for s0 in range(0, P, step):
-            k = min(step, P - s0)
-            q = queues[lo + nxt[kind] % size]
-            nxt[kind] += 1
-            out.append(isa.Instr("dma", q, _sub_ap(dst, s0, k), (_sub_ap(src, s0, k),)))
+        k = max(1, min(size, nb, nbytes // DMA_PIECE_BYTES))
+        per, extra = divmod(nb, k)
+
+        def rows(counts):
+            out, s0 = [], 0
+            for c in counts:
+                r = min(c * blk, P - s0)
+                out.append((_sub_ap(dst, s0, r), _sub_ap(src, s0, r)))
+                s0 += r
+            return out
+
+        def qb(piece):
+            return dma_queue_bytes(*piece, spec)
+        pieces = rows([per + 1] * extra + [per] * (k - extra))
+        if k == size > 1 and extra:     # whole blocks everywhere, the rest cut into columns?
+            r0 = min(P, per * k * blk)
+            cols = _column_pieces(_sub_ap(dst, r0, P - r0), _sub_ap(src, r0, P - r0), size, spec)
+            if cols:
+                even = rows([per] * k)
+                if qb(even[0]) + max(map(qb, cols)) < qb(pieces[0]):
+                    pieces = even + cols
+        mult = trips[id(ins)]
+        cost = [qb(pc) * mult for pc in pieces]
+        out, taken = [None] * len(pieces), set()
+        for j in sorted(range(len(pieces)), key=lambda j: -cost[j]):
+            if len(taken) == size:      # one piece per queue, then the next round
+                taken.clear()
+            start = nxt.get((lo, size), 0)
+            q = min((i for i in range(lo, lo + size) if i not in taken),
+                    key=lambda i: (load[i], (i - lo - start) % size))
+            taken.add(q)
+            load[q] += cost[j]
+            nxt[(lo, size)] = (q - lo + 1) % size
+            out[j] = isa.Instr("dma", queues[q], pieces[j][0], (pieces[j][1],))
         return out
 
     return tuple(_map_dmas(body, split))
+
+
+def dma_queue_bytes(dst: isa.AP, src: isa.AP, spec: sim.MachineSpec) -> int:
+    """What one transfer costs its queue, in bytes: the bytes moved plus
+    dma_chunk_overhead_bytes per contiguous chunk (the simulator's DMA cost)."""
+    b = max(dst.num_elements * ITEMSIZE[dst.dtype], src.num_elements * ITEMSIZE[src.dtype])
+    return b + spec.dma_chunk_overhead_bytes * max(contiguous_runs(dst), contiguous_runs(src))
+
+
+def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec) -> list | None:
+    """Up to n (dst, src) pieces of a transfer cut along its last dimension, at multiples of
+    the destination's dependency granule (pieces on different queues then write different
+    cells: no write-after-write order between them) and of at least DMA_PIECE_BYTES; None
+    when that gives fewer than two pieces or the two sides' dimensions differ."""
+    if (len(dst.dims) < 2 or len(dst.dims) != len(src.dims) or dst.dims[-1][0] != 1
+            or any(a[1] != b[1] for a, b in zip(dst.dims, src.dims))):
+        return None
+    item = ITEMSIZE[dst.dtype]
+    gran = spec.hbm_granule_bytes if dst.mem == "hbm" else spec.dep_granule_bytes
+    g = max(1, gran // item)
+    d = len(dst.dims) - 1
+    E = dst.dims[d][1]
+    m = min(n, E // g, dst.num_elements * item // DMA_PIECE_BYTES)
+    if m < 2:
+        return None
+    units, rest = divmod(E // g, m)
+    out, c0 = [], 0
+    for j in range(m):
+        w = (units + (j < rest)) * g if j < m - 1 else E - c0
+        out.append((_slice_ap(dst, d, c0, w), _slice_ap(src, d, c0, w)))
+        c0 += w
+    return out
 
 
 def _map_dmas(nodes, fn) -> list:
