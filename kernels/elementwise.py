@@ -126,6 +126,33 @@ def template(s, cfg):
         s.pipeline(inner, cfg["pipe"])
 
 
+def transpose_template(s, cfg):
+    """Y = X^T: `wide` partition tiles of Y's rows side by side on the free axis, so each
+    row of X that lowering loads (then transposes on the tensor engine) is `wide` x 128
+    contiguous elements, not 128: fewer, longer DMA chunks. Otherwise as `template`."""
+    st = s.prog.stages[-1].name
+    j, i = s.axes(st)
+    pt = fit(ext(s, j), cfg["pt"])
+    wide = fit(ext(s, j) // pt, cfg.get("wide", 1))    # (max/min are kernels in this module)
+    jo, ji = s.split(j, pt * wide)
+    loops, vec = [jo], [i]
+    if wide > 1:
+        ji, jm = s.split(ji, wide)      # Y rows wide * ji + jm: a partition stores whole rows
+        vec = [jm, i]
+    if ext(s, i) > cfg["free"]:
+        io, i = s.split(i, cfg["free"])
+        loops.append(io)
+        vec[-1] = i
+    for v in vec:
+        s.vectorize(v)
+    s.reorder(*loops, ji, *vec)
+    s.partition(ji)
+    if len(loops) > 1:
+        loops = [s.fuse(*loops)]
+    if cfg["pipe"] > 1 and ext(s, loops[0]) > 1:
+        s.pipeline(loops[0], cfg["pipe"])
+
+
 def simple(s, cfg):
     st = s.prog.stages[-1].name
     ax = s.axes(st)
@@ -133,7 +160,9 @@ def simple(s, cfg):
 
 
 T = (("expert", template, DEFAULT), ("simple", simple, DEFAULT))
-transpose = KernelFn("transpose", transpose_algo, T, "Y = X^T for a 2-D X")
+transpose = KernelFn("transpose", transpose_algo,
+                     (("expert", transpose_template, {**DEFAULT, "free": 1024, "wide": 4}),
+                      ("simple", simple, DEFAULT)), "Y = X^T for a 2-D X")
 sum = KernelFn("sum", _reduction("sum"), T, "sum over an axis (axis=1: rows)")  # noqa: A001
 max = KernelFn("max", _reduction("max"), T, "max over an axis (axis=1: rows)")  # noqa: A001
 mean = KernelFn("mean", _reduction("mean"), T, "mean over an axis (axis=1: rows)")

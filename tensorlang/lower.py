@@ -1019,45 +1019,87 @@ class Lowerer:
                 self.transpose_into(nat, v, part, f, ext, env)
             return v
         if self.row_blocks(fl, part, deps, ext):
-            self.load_row_blocks(ld.tensor, part, deps[0], v, src, ext, env)
+            (pstride, _), (fstride, _) = src.dims
+            self.load_row_blocks(ld.tensor, part, deps[0], v, src.offset, pstride, fstride, ext,
+                                 env)
+            return v
+        grouped = self.grouped_rows(fl, part, deps, ext)
+        if grouped is not None:
+            g, f = grouped
+            self.load_row_blocks(ld.tensor, part, f, v, src.offset, src.dims[0][0],
+                                 src.dims[1 + deps.index(f)][0], ext, env, g)
             return v
         self.dma(dst, src)
         return v
+
+    def grouped_rows(self, fl: Affine, part: str, deps, ext) -> tuple | None:
+        """(g, f) when a load reads [part, g, f] where part and g together walk one
+        contiguous run (g steps by ext[part]: several partition tiles side by side, e.g. a
+        transpose tile of Y rows [g x part] or [part x g]) and f steps by whole rows: loaded as rows
+        [f x (g, part)], each row ext[g] times longer than a transposing load's, and
+        transposed on the tensor engine in ext[g] pieces (see load_row_blocks)."""
+        if len(deps) != 2:
+            return None
+        P = ext[part]
+        for g, f in (deps, deps[::-1]):
+            G = ext[g]
+            if ((fl.coef(part), fl.coef(g)) in ((1, P), (G, 1)) and abs(fl.coef(f)) >= P * G
+                    and 1 < P <= self.spec.partitions and G > 1
+                    and G * self.spec.partitions * 4 <= self.spec.psum_bank_bytes):
+                return g, f
+        return None
 
     def row_blocks(self, fl: Affine, part: str, deps, ext) -> bool:
         """A transposing load (see transposing) with more rows than partitions."""
         return (len(deps) == 1 and abs(fl.coef(part)) == 1 and abs(fl.coef(deps[0])) > 1
                 and 1 < ext[part] <= self.spec.partitions and ext[deps[0]] > self.spec.partitions)
 
-    def load_row_blocks(self, tensor: str, part: str, f: str, v: Val, src: isa.AP, ext, env: Env):
-        """v[part, f] from HBM rows [f, part] (contiguous along part), spec.partitions rows
-        at a time: each block is one DMA of whole rows and one tensor-engine transpose into a
-        PSUM tile of up to a bank, copied out by the scalar and vector engines in turn."""
+    def load_row_blocks(self, tensor: str, part: str, f: str, v: Val, off: isa.Addr,
+                        pstride: int, fstride: int, ext, env: Env, g: str | None = None):
+        """v[part, f] from HBM rows [f, part] (contiguous along part; element strides pstride,
+        fstride from `off`), spec.partitions rows at a time: each block is one DMA of whole
+        rows and one tensor-engine transpose into a PSUM tile of up to a bank, copied out by
+        the scalar and vector engines in turn. With `g` (see grouped_rows): v[part, g, f]
+        from rows [f, (g, part)], each block's rows ext[g] * ext[part] long, transposed in
+        ext[g] pieces."""
         P, F, B = ext[part], ext[f], self.spec.partitions
-        (pstride, _), (fstride, _) = src.dims
+        G = ext[g] if g is not None else 1
+        gstep, pstep = (P, 1) if pstride == 1 else (1, G)     # piece gi of a row: see grouped_rows
         vs = v.strides[v.deps.index(f)]
+        gs = v.strides[v.deps.index(g)] if g is not None else 0
         W = max(B, self.spec.psum_bank_bytes // 4 // B * B)    # columns per PSUM tile
-        for c0 in range(0, F, W):
-            w = min(W, F - c0)
+        per = max(1, W // B // G) * B                          # rows per PSUM tile
+        k, pieces = 0, []
+        for c0 in range(0, F, per):
+            w = min(per, F - c0)
             with self.level():
-                ps = self.tile(P, ("__c",), {"__c": w}, "float32", f"{tensor}_rows_T", env,
-                               mem="psum")
+                ps = self.tile(P, ("__c",), {"__c": G * -(-w // B) * B}, "float32",
+                               f"{tensor}_rows_T", env, mem="psum")
                 for b0 in range(c0, c0 + w, B):
                     n = min(B, F - b0)
                     with self.level():
-                        nat = self.tile(n, ("__r",), {"__r": P}, v.dtype, f"{tensor}_rows", env)
-                        self.dma(self.ap(nat, n, ["__r"], {"__r": P}),
-                                 isa.AP("hbm", tensor, v.dtype, src.offset + b0 * fstride,
-                                        ((fstride, n), (pstride, P))))
-                        blk = isa.AP("psum", ps.name, "float32",
-                                     (ps.base + (b0 - c0) * 4).addr(), ((1, P), (1, n)))
-                        self.emit(isa.Instr.make("transpose", "pe", blk,
-                                                 (self.ap(nat, n, ["__r"], {"__r": P}),)))
-                    dst = isa.AP(v.mem, v.name, v.dtype,
-                                 (v.base + b0 * vs * ITEMSIZE[v.dtype]).addr(), ((1, P), (vs, n)),
-                                 v.part)
-                    self.emit(isa.Instr.make("tensor_copy", ("act", "dve")[(b0 // B) % 2], dst,
-                                             (blk,)))
+                        nat = self.tile(n, ("__r",), {"__r": G * P}, v.dtype, f"{tensor}_rows",
+                                        env)
+                        self.dma(self.ap(nat, n, ["__r"], {"__r": G * P}),
+                                 isa.AP("hbm", tensor, v.dtype, off + b0 * fstride,
+                                        ((fstride, n), (pstride // pstep, G * P))))
+                        for gi in range(G):
+                            col = ((b0 - c0) // B * G + gi) * B
+                            blk = isa.AP("psum", ps.name, "float32", (ps.base + col * 4).addr(),
+                                         ((1, P), (1, n)))
+                            piece = Val(nat.mem, nat.base + gi * gstep * ITEMSIZE[v.dtype],
+                                        nat.deps, (pstep,), nat.dtype, nat.name, nat.part)
+                            self.emit(isa.Instr.make("transpose", "pe", blk,
+                                                     (self.ap(piece, n, ["__r"], {"__r": P}),)))
+                            pieces.append((blk, b0, gi))
+                    for blk, b0_, gi in pieces:
+                        off_v = (b0_ * vs + gi * gs) * ITEMSIZE[v.dtype]
+                        dst = isa.AP(v.mem, v.name, v.dtype, (v.base + off_v).addr(),
+                                     ((1, P), (vs, n)), v.part)
+                        self.emit(isa.Instr.make("tensor_copy", ("act", "dve")[k % 2], dst,
+                                                 (blk,)))
+                        k += 1
+                    pieces.clear()
 
     def transposing(self, fl: Affine, part: str, deps, ext) -> bool:
         """Would a load with this flat index walk contiguous memory along the partitions?
@@ -1910,6 +1952,7 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
         pools = {False: (0, n - stores), True: (n - stores, stores)}
     load = [0] * n                                 # queue bytes x trips so far, per queue
+    cap = spec.hbm_bin_ns * spec.dma_queue_gbps    # a store's pieces: about one bin each
     nxt = {}                                       # per pool: where ties start (round robin)
 
     def split(ins: isa.Instr) -> list:
@@ -1952,10 +1995,37 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
             taken.add(q)
             load[q] += cost[j]
             nxt[(lo, size)] = (q - lo + 1) % size
-            out[j] = isa.Instr("dma", queues[q], pieces[j][0], (pieces[j][1],))
-        return out
+            seq = _sequential(*pieces[j], cap, spec) if ins.dst.mem == "hbm" else [pieces[j]]
+            out[j] = [isa.Instr("dma", queues[q], d, (s_,)) for d, s_ in seq]
+        return [i for x in out for i in x]
 
     return tuple(_map_dmas(body, split))
+
+
+def _sequential(dst: isa.AP, src: isa.AP, cap: float, spec: sim.MachineSpec) -> list:
+    """A piece cut into consecutive transfers for one queue, each costing the queue about
+    `cap` bytes at most: the HBM channel time a transfer needs is reserved from its start on
+    (sim/timing.py), so a long transfer claims the shared channel in a burst at its start
+    and stalls the other queues' transfers behind it; transfers of about one channel bin
+    each keep the claims as spread out as the queue time. Cut on whole partition blocks,
+    then at granule boundaries of the last dimension (see _column_pieces): a cut through a
+    block would order the transfers after every other queue's (sim/timing.py, WAW epochs)."""
+    k = math.ceil(dma_queue_bytes(dst, src, spec) / cap)
+    if k <= 1:
+        return [(dst, src)]
+    blk = partition_block(spec)
+    P = dst.dims[0][1]
+    nb = -(-P // blk)
+    r = min(k, nb)
+    out, s0 = [], 0
+    for j in range(r):
+        n = min((nb // r + (j < nb % r)) * blk, P - s0)
+        out.append((_sub_ap(dst, s0, n), _sub_ap(src, s0, n)))
+        s0 += n
+    if r < k:
+        out = [c for d, s_ in out
+               for c in (_column_pieces(d, s_, math.ceil(k / r), spec, 0) or [(d, s_)])]
+    return out
 
 
 def dma_queue_bytes(dst: isa.AP, src: isa.AP, spec: sim.MachineSpec) -> int:
@@ -1965,7 +2035,8 @@ def dma_queue_bytes(dst: isa.AP, src: isa.AP, spec: sim.MachineSpec) -> int:
     return b + spec.dma_chunk_overhead_bytes * max(contiguous_runs(dst), contiguous_runs(src))
 
 
-def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec) -> list | None:
+def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
+                   least: int = DMA_PIECE_BYTES) -> list | None:
     """Up to n (dst, src) pieces of a transfer cut along its last dimension, at multiples of
     the destination's dependency granule (pieces on different queues then write different
     cells: no write-after-write order between them) and of at least DMA_PIECE_BYTES; None
@@ -1978,7 +2049,7 @@ def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec) -> l
     g = max(1, gran // item)
     d = len(dst.dims) - 1
     E = dst.dims[d][1]
-    m = min(n, E // g, dst.num_elements * item // DMA_PIECE_BYTES)
+    m = min(n, E // g, dst.num_elements * item // least if least else n)
     if m < 2:
         return None
     units, rest = divmod(E // g, m)
