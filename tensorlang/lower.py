@@ -1100,6 +1100,8 @@ class Lowerer:
                                                  (blk,)))
                         k += 1
                     pieces.clear()
+        if k > 1:   # written by both copy engines: no one writer for a [P,1] step to follow
+            self.writer.pop(v.name, None)
 
     def transposing(self, fl: Affine, part: str, deps, ext) -> bool:
         """Would a load with this flat index walk contiguous memory along the partitions?
