@@ -1605,7 +1605,7 @@ class Lowerer:
             if reset is not None:
                 attrs["reset_on"] = reset
         acc_ap = self.ap(self.acc_val(job, env), P, job.free, ext)
-        if not job.free and job.red_free and self.row_reduce(job, env, ext, dims, P, acc_ap, attrs):
+        if job.red_free and self.row_reduce(job, env, ext, dims, P, acc_ap, attrs):
             return
         v = self.eval(job, job.value, env, ext, dims)
         if isinstance(v, float):
@@ -1617,22 +1617,24 @@ class Lowerer:
         """A reduction of each partition's row into [P,1], in one pass where the ISA allows:
         a plain load -> tensor_reduce (bf16 twice as fast); f(x * s + b) -> the activation
         with its fused free-axis reduce. A constant factor of a sum is applied to the [P,1]
-        result (sum(v * c) = c * sum(v), to float32 rounding). False: not such a reduction."""
+        result (sum(v * c) = c * sum(v), to float32 rounding). With spatial free dims (a
+        [P, free] result, e.g. a reduction over axis 0 with several partition tiles side by
+        side) only a plain load, times a constant. False: not such a reduction."""
         e, c = job.value, None
         if job.reduce == "add" and isinstance(e, Binary) and e.op == "mul":
             if isinstance(e.b, Const):
                 e, c = e.a, float(e.b.value)
             elif isinstance(e.a, Const):
                 e, c = e.b, float(e.a.value)
-        if self.scalar_valued(e, dims):
-            return False
+        if self.scalar_valued(e, dims) or (job.free and not isinstance(e, Load)):
+            return False        # spatial free dims too ([P, free] results): plain loads only
         if isinstance(e, Binary) and e.op == "mul" and e.a == e.b:
             e = Unary("square", e.a)
         if c is None:
             dst2, red_attrs = acc_ap, attrs
         else:
-            tmp = self.tile(P, (), ext, "float32", f"{job.stage}_part", env)
-            dst2, red_attrs = self.ap(tmp, P, [], ext), {}
+            tmp = self.tile(P, tuple(job.free), ext, "float32", f"{job.stage}_part", env)
+            dst2, red_attrs = self.ap(tmp, P, list(job.free), ext), {}
         if isinstance(e, Unary):
             x, s, b = self.affine_form(job, e.a, env, ext, dims, job.part)
             func = e.op
@@ -1654,12 +1656,15 @@ class Lowerer:
         else:
             self.activation(func, x, s, b, P, env, ext, reduce=(job.reduce, dst2, red_attrs))
         if c is not None:
+            put = self.emit_balanced
+            if job.free:    # a [P, free] statistic stays on its reduce's engine, as a [P,1]
+                eng = self.writer.get(dst2.name, "dve")      # one does (emit_balanced)
+                put = lambda i: self.emit(isa.Instr(i.op, eng, i.dst, i.srcs, i.attrs, i.dst2))  # noqa: E731
             ts = isa.Instr.make("tensor_scalar", "dve", acc_ap if not attrs else dst2, (dst2,),
                                 op0="mul", scalar0=c)
-            self.emit_balanced(ts)
+            put(ts)
             if attrs:
-                self.emit_balanced(isa.Instr.make("tensor_reduce", "dve", acc_ap, (dst2,),
-                                                  op="add", **attrs))
+                put(isa.Instr.make("tensor_reduce", "dve", acc_ap, (dst2,), op="add", **attrs))
         return True
 
     def emit_matmul(self, job: Job, env: Env, ext, acc_mode, reset):
