@@ -44,6 +44,7 @@ from .schedule import Fuse, Schedule, Split, StageSched, matmul_operands
 DEFAULT_FREE_ELEMS = 2048  # compiler choice: default vectorization width when a schedule is silent
 TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fill rotates over
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
+STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
@@ -1005,7 +1006,8 @@ class Lowerer:
         wide = [k for k, f in enumerate(deps) if ext[f] > 1]   # size-1 dims: same layout
         if len(wide) == 1 < len(deps) and (self.transposing(fl, part, [deps[wide[0]]], ext)
                                            or self.row_blocks(fl, part, [deps[wide[0]]], ext)):
-            src = isa.AP("hbm", src.name, src.dtype, src.offset, (src.dims[0], src.dims[1 + wide[0]]))
+            src = isa.AP("hbm", src.name, src.dtype, src.offset,
+                         (src.dims[0], src.dims[1 + wide[0]]))
             deps = (deps[wide[0]],)
         if self.transposing(fl, part, deps, ext):
             # partitions would walk contiguous memory: load rows, transpose on the tensor engine
@@ -1656,10 +1658,12 @@ class Lowerer:
         else:
             self.activation(func, x, s, b, P, env, ext, reduce=(job.reduce, dst2, red_attrs))
         if c is not None:
-            put = self.emit_balanced
-            if job.free:    # a [P, free] statistic stays on its reduce's engine, as a [P,1]
-                eng = self.writer.get(dst2.name, "dve")      # one does (emit_balanced)
-                put = lambda i: self.emit(isa.Instr(i.op, eng, i.dst, i.srcs, i.attrs, i.dst2))  # noqa: E731
+            eng = self.writer.get(dst2.name, "dve")
+
+            def put(i):     # a [P, free] statistic stays on its reduce's engine, as a [P,1]
+                if not job.free:                             # one does (emit_balanced)
+                    return self.emit_balanced(i)
+                self.emit(isa.Instr(i.op, eng, i.dst, i.srcs, i.attrs, i.dst2))
             ts = isa.Instr.make("tensor_scalar", "dve", acc_ap if not attrs else dst2, (dst2,),
                                 op0="mul", scalar0=c)
             put(ts)
@@ -1933,7 +1937,11 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     queue of its pool with blocks left over (e.g. 32 blocks over 15 queues) gets whole
     blocks on every queue and the left-over rows cut along the last dimension (at granule
     boundaries, see _column_pieces), so even a transfer inside a loop (the same queues at
-    every trip) keeps every queue equally busy. Without both kinds, or with one queue,
+    every trip) keeps every queue equally busy. A store's pieces are cut further into
+    consecutive transfers of about STORE_TRANSFER_BINS HBM-channel bins of queue time each
+    (see _sequential): stores start all at once when a tile is done, and long ones would
+    claim the shared channel ahead of the loads queued behind them (transpose 4096^2 on
+    trn2: 264 -> 224 us). Without both kinds, or with one queue,
     there is one pool of all queues. Loads that come before the first store in program order
     (the prologue: top-level fills, the peeled first iteration of a block loop, see
     Lowerer.bind_loop) use every queue: no store is queued ahead of them."""
@@ -1951,15 +1959,14 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         if ins.op == "dma":
             mult = math.prod(lp.extent for lp in loops)
             trips[id(ins)] = trips.get(id(ins), 0) + mult
-            if id(ins) not in prologue:
-                moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
+            moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
     if n < 2 or not moved[False] or not moved[True]:
         pools = {False: (0, n), True: (0, n)}
     else:
         stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
         pools = {False: (0, n - stores), True: (n - stores, stores)}
     load = [0] * n                                 # queue bytes x trips so far, per queue
-    cap = spec.hbm_bin_ns * spec.dma_queue_gbps    # a store's pieces: about one bin each
+    cap = STORE_TRANSFER_BINS * spec.hbm_bin_ns * spec.dma_queue_gbps   # queue bytes
     nxt = {}                                       # per pool: where ties start (round robin)
 
     def split(ins: isa.Instr) -> list:
@@ -2013,8 +2020,8 @@ def _sequential(dst: isa.AP, src: isa.AP, cap: float, spec: sim.MachineSpec) -> 
     """A piece cut into consecutive transfers for one queue, each costing the queue about
     `cap` bytes at most: the HBM channel time a transfer needs is reserved from its start on
     (sim/timing.py), so a long transfer claims the shared channel in a burst at its start
-    and stalls the other queues' transfers behind it; transfers of about one channel bin
-    each keep the claims as spread out as the queue time. Cut on whole partition blocks,
+    and stalls the other queues' transfers behind it; transfers of a few channel bins each
+    keep the claims about as spread out as the queue time. Cut on whole partition blocks,
     then at granule boundaries of the last dimension (see _column_pieces): a cut through a
     block would order the transfers after every other queue's (sim/timing.py, WAW epochs)."""
     k = math.ceil(dma_queue_bytes(dst, src, spec) / cap)
