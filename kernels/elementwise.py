@@ -8,7 +8,8 @@
 Expert schedules: 128 rows on the partitions, up to `free` elements per instruction on the
 free axis, the row-tile loop multi-buffered so DMA overlaps compute; transpose reads the
 input with the partitions walking contiguous memory, which lowering turns into a tensor-
-engine transpose; a reduction over axis 0 puts the kept axis on the partitions.
+engine transpose; a reduction over axis 0 puts the kept axis on the partitions. Both put
+`wide` partition tiles side by side so the input's rows load `wide` x 128 elements long.
 """
 from __future__ import annotations
 
