@@ -33,7 +33,7 @@ import numpy as np
 
 import sim
 from sim import isa
-from sim.timing import instr_cost, partition_block
+from sim.timing import contiguous_runs, instr_cost, partition_block
 
 from .dtypes import np_dtype
 from .ir import (ITEMSIZE, REDUCE_IDENTITY, Affine, Binary, Cast, Compare, Const, Expr,
@@ -44,6 +44,7 @@ from .schedule import Fuse, Schedule, Split, StageSched, matmul_operands
 DEFAULT_FREE_ELEMS = 2048  # compiler choice: default vectorization width when a schedule is silent
 TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fill rotates over
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
+STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
@@ -1003,6 +1004,12 @@ class Lowerer:
         v = into or self.tile(P, deps, ext, t.dtype, f"{ld.tensor}_t", env)
         dst = self.ap(v, P, list(deps), ext)
         src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
+        wide = [k for k, f in enumerate(deps) if ext[f] > 1]   # size-1 dims: same layout
+        if len(wide) == 1 < len(deps) and (self.transposing(fl, part, [deps[wide[0]]], ext)
+                                           or self.row_blocks(fl, part, [deps[wide[0]]], ext)):
+            src = isa.AP("hbm", src.name, src.dtype, src.offset,
+                         (src.dims[0], src.dims[1 + wide[0]]))
+            deps = (deps[wide[0]],)
         if self.transposing(fl, part, deps, ext):
             # partitions would walk contiguous memory: load rows, transpose on the tensor engine
             f = deps[0]
@@ -1015,45 +1022,89 @@ class Lowerer:
                 self.transpose_into(nat, v, part, f, ext, env)
             return v
         if self.row_blocks(fl, part, deps, ext):
-            self.load_row_blocks(ld.tensor, part, deps[0], v, src, ext, env)
+            (pstride, _), (fstride, _) = src.dims
+            self.load_row_blocks(ld.tensor, part, deps[0], v, src.offset, pstride, fstride, ext,
+                                 env)
+            return v
+        grouped = self.grouped_rows(fl, part, deps, ext)
+        if grouped is not None:
+            g, f = grouped
+            self.load_row_blocks(ld.tensor, part, f, v, src.offset, src.dims[0][0],
+                                 src.dims[1 + deps.index(f)][0], ext, env, g)
             return v
         self.dma(dst, src)
         return v
+
+    def grouped_rows(self, fl: Affine, part: str, deps, ext) -> tuple | None:
+        """(g, f) when a load reads [part, g, f] where part and g together walk one
+        contiguous run (g steps by ext[part]: several partition tiles side by side, e.g. a
+        transpose tile of Y rows [g x part] or [part x g]) and f steps by whole rows: loaded as rows
+        [f x (g, part)], each row ext[g] times longer than a transposing load's, and
+        transposed on the tensor engine in ext[g] pieces (see load_row_blocks)."""
+        if len(deps) != 2:
+            return None
+        P = ext[part]
+        for g, f in (deps, deps[::-1]):
+            G = ext[g]
+            if ((fl.coef(part), fl.coef(g)) in ((1, P), (G, 1)) and abs(fl.coef(f)) >= P * G
+                    and 1 < P <= self.spec.partitions and G > 1
+                    and G * self.spec.partitions * 4 <= self.spec.psum_bank_bytes):
+                return g, f
+        return None
 
     def row_blocks(self, fl: Affine, part: str, deps, ext) -> bool:
         """A transposing load (see transposing) with more rows than partitions."""
         return (len(deps) == 1 and abs(fl.coef(part)) == 1 and abs(fl.coef(deps[0])) > 1
                 and 1 < ext[part] <= self.spec.partitions and ext[deps[0]] > self.spec.partitions)
 
-    def load_row_blocks(self, tensor: str, part: str, f: str, v: Val, src: isa.AP, ext, env: Env):
-        """v[part, f] from HBM rows [f, part] (contiguous along part), spec.partitions rows
-        at a time: each block is one DMA of whole rows and one tensor-engine transpose into a
-        PSUM tile of up to a bank, copied out by the scalar and vector engines in turn."""
+    def load_row_blocks(self, tensor: str, part: str, f: str, v: Val, off: isa.Addr,
+                        pstride: int, fstride: int, ext, env: Env, g: str | None = None):
+        """v[part, f] from HBM rows [f, part] (contiguous along part; element strides pstride,
+        fstride from `off`), spec.partitions rows at a time: each block is one DMA of whole
+        rows and one tensor-engine transpose into a PSUM tile of up to a bank, copied out by
+        the scalar and vector engines in turn. With `g` (see grouped_rows): v[part, g, f]
+        from rows [f, (g, part)], each block's rows ext[g] * ext[part] long, transposed in
+        ext[g] pieces."""
         P, F, B = ext[part], ext[f], self.spec.partitions
-        (pstride, _), (fstride, _) = src.dims
+        G = ext[g] if g is not None else 1
+        gstep, pstep = (P, 1) if pstride == 1 else (1, G)     # piece gi of a row: see grouped_rows
         vs = v.strides[v.deps.index(f)]
+        gs = v.strides[v.deps.index(g)] if g is not None else 0
         W = max(B, self.spec.psum_bank_bytes // 4 // B * B)    # columns per PSUM tile
-        for c0 in range(0, F, W):
-            w = min(W, F - c0)
+        per = max(1, W // B // G) * B                          # rows per PSUM tile
+        k, pieces = 0, []
+        for c0 in range(0, F, per):
+            w = min(per, F - c0)
             with self.level():
-                ps = self.tile(P, ("__c",), {"__c": w}, "float32", f"{tensor}_rows_T", env,
-                               mem="psum")
+                ps = self.tile(P, ("__c",), {"__c": G * -(-w // B) * B}, "float32",
+                               f"{tensor}_rows_T", env, mem="psum")
                 for b0 in range(c0, c0 + w, B):
                     n = min(B, F - b0)
                     with self.level():
-                        nat = self.tile(n, ("__r",), {"__r": P}, v.dtype, f"{tensor}_rows", env)
-                        self.dma(self.ap(nat, n, ["__r"], {"__r": P}),
-                                 isa.AP("hbm", tensor, v.dtype, src.offset + b0 * fstride,
-                                        ((fstride, n), (pstride, P))))
-                        blk = isa.AP("psum", ps.name, "float32",
-                                     (ps.base + (b0 - c0) * 4).addr(), ((1, P), (1, n)))
-                        self.emit(isa.Instr.make("transpose", "pe", blk,
-                                                 (self.ap(nat, n, ["__r"], {"__r": P}),)))
-                    dst = isa.AP(v.mem, v.name, v.dtype,
-                                 (v.base + b0 * vs * ITEMSIZE[v.dtype]).addr(), ((1, P), (vs, n)),
-                                 v.part)
-                    self.emit(isa.Instr.make("tensor_copy", ("act", "dve")[(b0 // B) % 2], dst,
-                                             (blk,)))
+                        nat = self.tile(n, ("__r",), {"__r": G * P}, v.dtype, f"{tensor}_rows",
+                                        env)
+                        self.dma(self.ap(nat, n, ["__r"], {"__r": G * P}),
+                                 isa.AP("hbm", tensor, v.dtype, off + b0 * fstride,
+                                        ((fstride, n), (pstride // pstep, G * P))))
+                        for gi in range(G):
+                            col = ((b0 - c0) // B * G + gi) * B
+                            blk = isa.AP("psum", ps.name, "float32", (ps.base + col * 4).addr(),
+                                         ((1, P), (1, n)))
+                            piece = Val(nat.mem, nat.base + gi * gstep * ITEMSIZE[v.dtype],
+                                        nat.deps, (pstep,), nat.dtype, nat.name, nat.part)
+                            self.emit(isa.Instr.make("transpose", "pe", blk,
+                                                     (self.ap(piece, n, ["__r"], {"__r": P}),)))
+                            pieces.append((blk, b0, gi))
+                    for blk, b0_, gi in pieces:
+                        off_v = (b0_ * vs + gi * gs) * ITEMSIZE[v.dtype]
+                        dst = isa.AP(v.mem, v.name, v.dtype, (v.base + off_v).addr(),
+                                     ((1, P), (vs, n)), v.part)
+                        self.emit(isa.Instr.make("tensor_copy", ("act", "dve")[k % 2], dst,
+                                                 (blk,)))
+                        k += 1
+                    pieces.clear()
+        if k > 1:   # written by both copy engines: no one writer for a [P,1] step to follow
+            self.writer.pop(v.name, None)
 
     def transposing(self, fl: Affine, part: str, deps, ext) -> bool:
         """Would a load with this flat index walk contiguous memory along the partitions?
@@ -1600,7 +1651,7 @@ class Lowerer:
             if reset is not None:
                 attrs["reset_on"] = reset
         acc_ap = self.ap(self.acc_val(job, env), P, job.free, ext)
-        if not job.free and job.red_free and self.row_reduce(job, env, ext, dims, P, acc_ap, attrs):
+        if job.red_free and self.row_reduce(job, env, ext, dims, P, acc_ap, attrs):
             return
         v = self.eval(job, job.value, env, ext, dims)
         if isinstance(v, float):
@@ -1612,22 +1663,24 @@ class Lowerer:
         """A reduction of each partition's row into [P,1], in one pass where the ISA allows:
         a plain load -> tensor_reduce (bf16 twice as fast); f(x * s + b) -> the activation
         with its fused free-axis reduce. A constant factor of a sum is applied to the [P,1]
-        result (sum(v * c) = c * sum(v), to float32 rounding). False: not such a reduction."""
+        result (sum(v * c) = c * sum(v), to float32 rounding). With spatial free dims (a
+        [P, free] result, e.g. a reduction over axis 0 with several partition tiles side by
+        side) only a plain load, times a constant. False: not such a reduction."""
         e, c = job.value, None
         if job.reduce == "add" and isinstance(e, Binary) and e.op == "mul":
             if isinstance(e.b, Const):
                 e, c = e.a, float(e.b.value)
             elif isinstance(e.a, Const):
                 e, c = e.b, float(e.a.value)
-        if self.scalar_valued(e, dims):
-            return False
+        if self.scalar_valued(e, dims) or (job.free and not isinstance(e, Load)):
+            return False        # spatial free dims too ([P, free] results): plain loads only
         if isinstance(e, Binary) and e.op == "mul" and e.a == e.b:
             e = Unary("square", e.a)
         if c is None:
             dst2, red_attrs = acc_ap, attrs
         else:
-            tmp = self.tile(P, (), ext, "float32", f"{job.stage}_part", env)
-            dst2, red_attrs = self.ap(tmp, P, [], ext), {}
+            tmp = self.tile(P, tuple(job.free), ext, "float32", f"{job.stage}_part", env)
+            dst2, red_attrs = self.ap(tmp, P, list(job.free), ext), {}
         if isinstance(e, Unary):
             x, s, b = self.affine_form(job, e.a, env, ext, dims, job.part)
             func = e.op
@@ -1649,12 +1702,17 @@ class Lowerer:
         else:
             self.activation(func, x, s, b, P, env, ext, reduce=(job.reduce, dst2, red_attrs))
         if c is not None:
+            eng = self.writer.get(dst2.name, "dve")
+
+            def put(i):     # a [P, free] statistic stays on its reduce's engine, as a [P,1]
+                if not job.free:                             # one does (emit_balanced)
+                    return self.emit_balanced(i)
+                self.emit(isa.Instr(i.op, eng, i.dst, i.srcs, i.attrs, i.dst2))
             ts = isa.Instr.make("tensor_scalar", "dve", acc_ap if not attrs else dst2, (dst2,),
                                 op0="mul", scalar0=c)
-            self.emit_balanced(ts)
+            put(ts)
             if attrs:
-                self.emit_balanced(isa.Instr.make("tensor_reduce", "dve", acc_ap, (dst2,),
-                                                  op="add", **attrs))
+                put(isa.Instr.make("tensor_reduce", "dve", acc_ap, (dst2,), op="add", **attrs))
         return True
 
     def emit_matmul(self, job: Job, env: Env, ext, acc_mode, reset):
@@ -1912,28 +1970,26 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
 
 def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     """Split every DMA over the DMA queues. Loads and stores (DMAs writing HBM) get their own
-    pools of queues, sized by the bytes each kind moves over the whole program: queues are
-    in-order, so a load queued behind a store (which waits for its tile to be computed) would
-    stall the compute that needs it. Each transfer is cut along its first dimension into up
-    to one piece per queue of its pool (pieces of at least DMA_PIECE_BYTES), assigned round
-    robin. Without both kinds, or with one queue, there is one pool of all queues. Loads
-    that come before the first store in program order (the prologue: top-level fills, the
-    peeled first iteration of a block loop, see Lowerer.bind_loop) use every queue: no store
-    is queued ahead of them."""
+    pools of queues, sized by the queue time each kind costs over the whole program (bytes
+    plus dma_chunk_overhead_bytes per contiguous chunk, times the enclosing loops' trip
+    counts): queues are in-order, so a load queued behind a store (which waits for its tile
+    to be computed) would stall the compute that needs it. Each transfer is cut along its
+    first dimension into up to one piece per queue of its pool (pieces of whole partition
+    blocks and of at least DMA_PIECE_BYTES, floor/ceil blocks each), and each piece goes to
+    the pool's queue with the least queue time so far (its cost times its trip count): the
+    queues' totals over the program differ by at most one piece. A transfer cut into every
+    queue of its pool with blocks left over (e.g. 32 blocks over 15 queues) gets whole
+    blocks on every queue and the left-over rows cut along the last dimension (at granule
+    boundaries, see _column_pieces), so even a transfer inside a loop (the same queues at
+    every trip) keeps every queue equally busy. A store's pieces are cut further into
+    consecutive transfers of about STORE_TRANSFER_BINS HBM-channel bins of queue time each
+    (see _sequential): stores start all at once when a tile is done, and long ones would
+    claim the shared channel ahead of the loads queued behind them (transpose 4096^2 on
+    trn2: 264 -> 224 us). Without both kinds, or with one queue,
+    there is one pool of all queues. Loads that come before the first store in program order
+    (the prologue: top-level fills, the peeled first iteration of a block loop, see
+    Lowerer.bind_loop) use every queue: no store is queued ahead of them."""
     n = spec.dma_queues
-    moved = {False: 0, True: 0}
-    for ins, loops in isa.walk_instrs(body):
-        if ins.op == "dma":
-            mult = 1
-            for lp in loops:
-                mult *= lp.extent
-            moved[ins.dst.mem == "hbm"] += mult * ins.dst.num_elements * ITEMSIZE[ins.dst.dtype]
-    if n < 2 or not moved[False] or not moved[True]:
-        pools = {False: (0, n), True: (0, n)}
-    else:
-        stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
-        pools = {False: (0, n - stores), True: (n - stores, stores)}
-    nxt = {False: 0, True: 0}
     blk = partition_block(spec)                    # pieces on whole partition blocks
     queues = [f"q{i}" for i in range(n)]
 
@@ -1942,26 +1998,125 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
                                isa.walk_instrs((node,)))), len(body))
     prologue = {id(i) for node in body[:first_store] for i, _ in isa.walk_instrs((node,))
                 if i.op == "dma"}      # loads before the first store: no store can wait on them
+    trips, moved = {}, {False: 0, True: 0}
+    for ins, loops in isa.walk_instrs(body):
+        if ins.op == "dma":
+            mult = math.prod(lp.extent for lp in loops)
+            trips[id(ins)] = trips.get(id(ins), 0) + mult
+            moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
+    if n < 2 or not moved[False] or not moved[True]:
+        pools = {False: (0, n), True: (0, n)}
+    else:
+        stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
+        pools = {False: (0, n - stores), True: (n - stores, stores)}
+    load = [0] * n                                 # queue bytes x trips so far, per queue
+    cap = STORE_TRANSFER_BINS * spec.hbm_bin_ns * spec.dma_queue_gbps   # queue bytes
+    nxt = {}                                       # per pool: where ties start (round robin)
 
     def split(ins: isa.Instr) -> list:
         kind = ins.dst.mem == "hbm" and pools[True] != pools[False]
-        lo, size = pools[kind]
-        if id(ins) in prologue:
-            lo, size = 0, n
+        lo, size = (0, n) if id(ins) in prologue else pools[kind]
         dst, src = ins.dst, ins.srcs[0]
         P = dst.dims[0][1]
+        nb = -(-P // blk)
         nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
-        pieces = max(1, min(size, P, nbytes // DMA_PIECE_BYTES))
-        step = -(-(-(-P // pieces)) // blk) * blk
-        out = []
-        for s0 in range(0, P, step):
-            k = min(step, P - s0)
-            q = queues[lo + nxt[kind] % size]
-            nxt[kind] += 1
-            out.append(isa.Instr("dma", q, _sub_ap(dst, s0, k), (_sub_ap(src, s0, k),)))
-        return out
+        k = max(1, min(size, nb, nbytes // DMA_PIECE_BYTES))
+        per, extra = divmod(nb, k)
+
+        def rows(counts):
+            out, s0 = [], 0
+            for c in counts:
+                r = min(c * blk, P - s0)
+                out.append((_sub_ap(dst, s0, r), _sub_ap(src, s0, r)))
+                s0 += r
+            return out
+
+        def qb(piece):
+            return dma_queue_bytes(*piece, spec)
+        pieces = rows([per + 1] * extra + [per] * (k - extra))
+        if k == size > 1 and extra:     # whole blocks everywhere, the rest cut into columns?
+            r0 = min(P, per * k * blk)
+            cols = _column_pieces(_sub_ap(dst, r0, P - r0), _sub_ap(src, r0, P - r0), size, spec)
+            if cols:
+                even = rows([per] * k)
+                if qb(even[0]) + max(map(qb, cols)) < qb(pieces[0]):
+                    pieces = even + cols
+        mult = trips[id(ins)]
+        cost = [qb(pc) * mult for pc in pieces]
+        out, taken = [None] * len(pieces), set()
+        for j in sorted(range(len(pieces)), key=lambda j: -cost[j]):
+            if len(taken) == size:      # one piece per queue, then the next round
+                taken.clear()
+            start = nxt.get((lo, size), 0)
+            q = min((i for i in range(lo, lo + size) if i not in taken),
+                    key=lambda i: (load[i], (i - lo - start) % size))
+            taken.add(q)
+            load[q] += cost[j]
+            nxt[(lo, size)] = (q - lo + 1) % size
+            seq = _sequential(*pieces[j], cap, spec) if ins.dst.mem == "hbm" else [pieces[j]]
+            out[j] = [isa.Instr("dma", queues[q], d, (s_,)) for d, s_ in seq]
+        return [i for x in out for i in x]
 
     return tuple(_map_dmas(body, split))
+
+
+def _sequential(dst: isa.AP, src: isa.AP, cap: float, spec: sim.MachineSpec) -> list:
+    """A piece cut into consecutive transfers for one queue, each costing the queue about
+    `cap` bytes at most: the HBM channel time a transfer needs is reserved from its start on
+    (sim/timing.py), so a long transfer claims the shared channel in a burst at its start
+    and stalls the other queues' transfers behind it; transfers of a few channel bins each
+    keep the claims about as spread out as the queue time. Cut on whole partition blocks,
+    then at granule boundaries of the last dimension (see _column_pieces): a cut through a
+    block would order the transfers after every other queue's (sim/timing.py, WAW epochs)."""
+    k = math.ceil(dma_queue_bytes(dst, src, spec) / cap)
+    if k <= 1:
+        return [(dst, src)]
+    blk = partition_block(spec)
+    P = dst.dims[0][1]
+    nb = -(-P // blk)
+    r = min(k, nb)
+    out, s0 = [], 0
+    for j in range(r):
+        n = min((nb // r + (j < nb % r)) * blk, P - s0)
+        out.append((_sub_ap(dst, s0, n), _sub_ap(src, s0, n)))
+        s0 += n
+    if r < k:
+        out = [c for d, s_ in out
+               for c in (_column_pieces(d, s_, math.ceil(k / r), spec, 0) or [(d, s_)])]
+    return out
+
+
+def dma_queue_bytes(dst: isa.AP, src: isa.AP, spec: sim.MachineSpec) -> int:
+    """What one transfer costs its queue, in bytes: the bytes moved plus
+    dma_chunk_overhead_bytes per contiguous chunk (the simulator's DMA cost)."""
+    b = max(dst.num_elements * ITEMSIZE[dst.dtype], src.num_elements * ITEMSIZE[src.dtype])
+    return b + spec.dma_chunk_overhead_bytes * max(contiguous_runs(dst), contiguous_runs(src))
+
+
+def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
+                   least: int = DMA_PIECE_BYTES) -> list | None:
+    """Up to n (dst, src) pieces of a transfer cut along its last dimension, at multiples of
+    the destination's dependency granule (pieces on different queues then write different
+    cells: no write-after-write order between them) and of at least DMA_PIECE_BYTES; None
+    when that gives fewer than two pieces or the two sides' dimensions differ."""
+    if (len(dst.dims) < 2 or len(dst.dims) != len(src.dims) or dst.dims[-1][0] != 1
+            or any(a[1] != b[1] for a, b in zip(dst.dims, src.dims))):
+        return None
+    item = ITEMSIZE[dst.dtype]
+    gran = spec.hbm_granule_bytes if dst.mem == "hbm" else spec.dep_granule_bytes
+    g = max(1, gran // item)
+    d = len(dst.dims) - 1
+    E = dst.dims[d][1]
+    m = min(n, E // g, dst.num_elements * item // least if least else n)
+    if m < 2:
+        return None
+    units, rest = divmod(E // g, m)
+    out, c0 = [], 0
+    for j in range(m):
+        w = (units + (j < rest)) * g if j < m - 1 else E - c0
+        out.append((_slice_ap(dst, d, c0, w), _slice_ap(src, d, c0, w)))
+        c0 += w
+    return out
 
 
 def _map_dmas(nodes, fn) -> list:

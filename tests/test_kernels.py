@@ -168,6 +168,31 @@ def test_elementwise(dtype, mn):
     check(kernels.swiglu, (X, G), silu(x) * f32(G), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("mn", [(1024, 512), (300, 700), (700, 130), (2048, 520)])
+def test_transpose_wide_rows(dtype, mn):
+    """The expert transpose puts up to 4 partition tiles of Y rows side by side: X is loaded
+    as rows 4 x 128 long and transposed in 4 pieces each (lower: grouped_rows), tails too."""
+    X = R(mn, dtype)
+    k = kernels.transpose.compile(X, use_records=False)
+    assert k.choice.source == "template expert"
+    assert_close(k.run(X), f32(X).T, dtype, what=f"transpose{mn}")
+    if mn[1] >= 512:
+        assert "[1,512]" in k.asm() and "transpose.pe" in k.asm()   # 512-element X rows
+
+
+@pytest.mark.parametrize("mn", [(8192, 256), (1030, 1000), (640, 520)])
+def test_reduce_axis0_loads_rows(mn):
+    """A reduction over axis 0 loads X as rows and transposes them on the tensor engine, also
+    when the reduced axis is split so the tile has a size-1 dimension (8192 rows: that load
+    was an element-by-element gather); means apply 1/M to the [P, wide] partial sums."""
+    X = R(mn, "bfloat16", seed=1)
+    for op in ("sum", "max", "mean"):
+        k = kernels.LIBRARY[op].compile(X, use_records=False, axis=0)
+        assert k.choice.source == "template expert" and "transpose.pe" in k.asm()
+        assert_close(k.run(X), getattr(f32(X), op)(0), "bfloat16", what=f"{op}{mn}")
+
+
 # -- choosing schedules -----------------------------------------------------------------------------
 
 def test_every_kernel_runs_its_expert_template_at_the_default_shape():

@@ -574,3 +574,86 @@ def test_hoisted_broadcast_is_not_overwritten_by_the_loop_body():
     s.tile("ii", "j", 19, 32, stage="H")
     s.tile("iii", "ji", 3, 22, stage="H")
     check_values(prog, s.build("trn2"), inputs, ref, "float32")
+
+
+# DMA queue assignment (lower.assign_queues)
+
+def _queue_bytes(body, spec):
+    """{queue: (loads, stores)} queue bytes x loop trips of every DMA in `body`."""
+    from tensorlang.lower import dma_queue_bytes
+    out = {}
+    for ins, loops in sim.isa.walk_instrs(body):
+        if ins.op == "dma":
+            trips = int(np.prod([lp.extent for lp in loops]))
+            ld, stv = out.get(ins.engine, (0, 0))
+            b = trips * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
+            out[ins.engine] = (ld, stv + b) if ins.dst.mem == "hbm" else (ld + b, stv)
+    return out
+
+
+def _tile_loop(load_cols, store_cols, n=32, dtype="bfloat16"):
+    """A loop of n [128 x load_cols] loads from HBM and [128 x store_cols] fp32 stores."""
+    I, A, AP = sim.isa.Instr, sim.isa.Addr, sim.isa.AP
+    ld = I.make("dma", "q0", AP("sbuf", "x", dtype, A(0), ((1, 128), (1, load_cols))),
+                [AP("hbm", "X", dtype, A(0, (("r", 128 * load_cols, 0),)),
+                    ((load_cols, 128), (1, load_cols)))])
+    stv = I.make("dma", "q0", AP("hbm", "Y", "float32", A(0, (("r", 128 * store_cols, 0),)),
+                                 ((store_cols, 128), (1, store_cols))),
+                 [AP("sbuf", "y", "float32", A(65536), ((1, 128), (1, store_cols)))])
+    return (sim.isa.Loop("r", n, (ld, stv)),)
+
+
+@pytest.mark.parametrize("load_cols, store_cols", [(4096, 1), (512, 512), (4096, 4096),
+                                                   (1000, 8)])
+def test_assign_queues_keeps_every_queue_of_a_pool_busy(load_cols, store_cols):
+    from tensorlang.lower import assign_queues
+    spec = sim.machine("trn2")
+    body = _tile_loop(load_cols, store_cols)
+    out = assign_queues(body, spec)
+    per = _queue_bytes(out, spec)
+    loads = {q: b[0] for q, b in per.items() if b[0]}
+    stores = {q: b[1] for q, b in per.items() if b[1]}
+    assert not set(loads) & set(stores)                   # own pools
+    assert len(loads) + len(stores) == spec.dma_queues    # every queue used
+    # the queues of a pool carry equal bytes to within one piece (whole partition blocks,
+    # ceil(blocks / queues) of them) x the loop's trips
+    for pool, row in ((loads, 2 * load_cols), (stores, 4 * store_cols)):
+        piece = 32 * -(-32 // len(pool)) * 4 * (row + spec.dma_chunk_overhead_bytes)
+        assert max(pool.values()) - min(pool.values()) <= piece
+    # every element moved exactly once
+    dmas = [i for i, _ in sim.isa.walk_instrs(out) if i.op == "dma"]
+    assert sum(i.dst.num_elements for i in dmas if i.dst.mem != "hbm") == 128 * load_cols
+    assert sum(i.dst.num_elements for i in dmas if i.dst.mem == "hbm") == 128 * store_cols
+
+
+def test_assign_queues_cuts_left_over_rows_into_columns():
+    # 32 partition blocks over 15 load queues: 2 blocks each and the last 2 blocks cut
+    # along the row at 512-byte granules, so every queue carries the same ~1/15 of the tile
+    from tensorlang.lower import assign_queues
+    spec = sim.machine("trn2")
+    out = assign_queues(_tile_loop(4096, 1), spec)
+    loads = [i for i, _ in sim.isa.walk_instrs(out) if i.op == "dma" and i.dst.mem == "sbuf"]
+    per = {}
+    for i in loads:
+        per[i.engine] = per.get(i.engine, 0) + i.dst.num_elements
+        if i.dst.partitions < 8:                       # a column piece: granule aligned
+            assert (i.dst.offset.base % spec.dep_granule_bytes == 0
+                    and i.dst.dims[-1][1] * 2 % spec.dep_granule_bytes == 0)
+    assert len(per) == 15
+    assert max(per.values()) - min(per.values()) <= 8 * 256    # one 8-row granule column
+
+
+def test_assign_queues_cuts_stores_into_few_bin_transfers():
+    # a [128 x 4096] fp32 store per trip: each transfer costs its queue a few HBM-channel bins
+    # at most (no burst claiming the channel ahead of the loads), cut on whole partition blocks
+    from tensorlang.lower import STORE_TRANSFER_BINS, assign_queues, dma_queue_bytes
+    from sim.timing import partition_block
+    spec = sim.machine("trn2")
+    out = assign_queues(_tile_loop(4096, 4096), spec)
+    stores = [i for i, _ in sim.isa.walk_instrs(out) if i.op == "dma" and i.dst.mem == "hbm"]
+    cap = STORE_TRANSFER_BINS * spec.hbm_bin_ns * spec.dma_queue_gbps
+    assert len(stores) > spec.dma_queues
+    assert all(dma_queue_bytes(i.dst, i.srcs[0], spec) <= cap for i in stores)
+    assert sum(i.dst.num_elements for i in stores) == 128 * 4096
+    blk = partition_block(spec)
+    assert all(i.srcs[0].part % blk == 0 for i in stores)
