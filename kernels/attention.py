@@ -40,30 +40,35 @@ def attention_algo(Q, K, V, causal=False, scale=None):
         raise tl.TensorlangError(f"attention: causal needs Sq <= Sk, got Sq={Sq}, Sk={Sk}")
     scale = D ** -0.5 if scale is None else float(scale)
     S = tl.tensor((H, Sq, Sk), "float32", name="S")
-    L = tl.tensor((H, Sq, Sk), "float32", name="L")
     mx = tl.tensor((H, Sq), "float32", name="mx")
-    E = tl.tensor((H, Sq, Sk), "float32", name="E")
     total = tl.tensor((H, Sq), "float32", name="total")
     P = tl.tensor((H, Sq, Sk), V.dtype, name="P")
     O = tl.tensor((H, Sq, Dv), Q.dtype, name="O")
+    # scale > 0 (the default): the max is taken over the raw scores and the scale applied by
+    # exp's own multiply, exp(S * scale - max * scale), so no pass scales the score row
+    pre = 1.0 if scale > 0 else scale
+    post = scale if scale > 0 else 1.0
+    if causal or pre != 1.0:
+        L = tl.tensor((H, Sq, Sk), "float32", name="L")
+    else:
+        L = S
 
     for h, i, j in tl.grid(H, Sq, Sk):
         S[h, i, j] = 0.0
         for d in tl.reduce(D):
             S[h, i, j] += Q[h, i, d] * K[h, j, d]
-        s = S[h, i, j] * scale
-        L[h, i, j] = tl.where(j <= i, s, -tl.inf) if causal else s
+        if L is not S:
+            s = S[h, i, j] * pre if pre != 1.0 else S[h, i, j]
+            L[h, i, j] = tl.where(j <= i, s, -tl.inf) if causal else s
     for h, i in tl.grid(H, Sq):
         mx[h, i] = -tl.inf
         for j in tl.reduce(Sk):
             mx[h, i] = tl.max(mx[h, i], L[h, i, j])
-        for j in tl.grid(Sk):
-            E[h, i, j] = tl.exp(L[h, i, j] - mx[h, i])
         total[h, i] = 0.0
         for j in tl.reduce(Sk):
-            total[h, i] += E[h, i, j]
+            total[h, i] += tl.exp(L[h, i, j] * post + mx[h, i] * -post)
         for j in tl.grid(Sk):
-            P[h, i, j] = E[h, i, j] / total[h, i]
+            P[h, i, j] = tl.exp(L[h, i, j] * post + mx[h, i] * -post) / total[h, i]
     for h, i, e in tl.grid(H, Sq, Dv):
         O[h, i, e] = 0.0
         for j in tl.reduce(Sk):
@@ -119,8 +124,11 @@ def template(s, cfg):
     sq, sk = s.prog.tensors["Q"].shape[1], s.prog.tensors["K"].shape[1]
     if qi > 1 and sk * 4 <= bank and sq % _even(sq, cfg["qt"]) == 0:   # io: no tail split
         at, _ = s.split(io, qi)
-    for st in ("P", "total", "E", "mx", "L", "S"):
+    for st in reversed([x.name for x in s.prog.stages if x.name != "O"]):
         s.compute_at(st, at)
+    for st in ("mx", "total"):    # whole rows: one tile per query tile, whatever Sk
+        for r in s.reduce_axes(st):
+            s.vectorize(r)
     (d,) = s.reduce_axes("S")
     if ext(s, d) > 128:
         d = s.split(d, fit(ext(s, d), 128))[1]
@@ -131,7 +139,7 @@ def unfused(s, cfg):
     """Fallback: both products on the systolic array, the intermediates through HBM."""
     tile_matmul(s, "S", cfg["mm"], "Q", "K")
     _output(s, cfg)
-    for st in ("L", "mx", "E", "total", "P"):
+    for st in [x.name for x in s.prog.stages if x.name not in ("S", "O")]:
         _rows(s, st, cfg["qt"])
 
 

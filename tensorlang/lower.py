@@ -49,6 +49,7 @@ SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated lo
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
 COMPUTE_ENGINES = ("act", "dve", "pool")
 INTERLEAVE_MAX = 2      # compiler choice: query tiles of a transposed fill whose chains interleave
+ROW_PSUM_BANKS = 4      # compiler choice: a kept contraction row over more banks goes to SBUF
 
 # ----------------------------------------------------------------------------------------
 # affine values over ISA loop variables
@@ -900,7 +901,8 @@ class Lowerer:
             if self.keep is not None and not job.loops:
                 level = self.keep       # kept for every reader inside the transposed fill
             v = self.virtual(producer, ld, part, deps, env, ext,
-                             depth=None if level == -1 else level)
+                             depth=None if level == -1 else level,
+                             home=None if level == -1 else level)
         elif self.invariant_broadcast(ld, part, deps, env, ext):
             v, level = self.broadcast(ld, part, deps, env, ext), 1
         else:
@@ -1105,8 +1107,11 @@ class Lowerer:
         self.home = home if not job.loops else None
         if home is not None:
             from .ir import walk  # noqa: PLC0415
-            consumer = self.prog.stage(self.attached[producer.name][0])
-            self.home_funcs = {x.op for x in walk(consumer.value) if isinstance(x, Unary)}
+            target = self.attached[producer.name][0]    # the consumer and its other producers
+            readers = [self.prog.stage(target)] + [self.prog.stage(p) for p, a in
+                                                   self.attached.items() if a[0] == target]
+            self.home_funcs = {x.op for st in readers for x in walk(st.value)
+                               if isinstance(x, Unary)}
         self.run_job(job, env2)
         self.home, self.home_funcs = outer
         return v
@@ -1125,6 +1130,10 @@ class Lowerer:
                 n *= ext[f]
             bank = self.spec.psum_bank_bytes
             banks = -(-n * 4 // bank)
+            if len(job.free) == 1 and banks > 1 and (
+                    n > self.spec.max_free_elems_psum or banks > ROW_PSUM_BANKS
+                    or self.place("psum", banks * bank, bank) is None):
+                return self.blocked_row(job, env, ext, depth)
             if n > self.spec.max_free_elems_psum or (banks > 1 and len(job.free) != 1):
                 return None
             if banks == 1:
@@ -1153,6 +1162,49 @@ class Lowerer:
         out = self.tile(P, job.free, ext, self.tensors[job.dest.tensor].dtype,
                         f"{job.stage}_sb", env, depth=depth)
         self.copy_into(v, self.ap(out, P, job.free, ext), job.free, ext, P, env)
+        return out
+
+    def blocked_row(self, job: Job, env: Env, ext, depth: int) -> Val | None:
+        """A loop-free contraction row too long to keep in PSUM (a query tile's scores
+        against thousands of keys): kept in SBUF (float32), computed one PSUM bank of
+        columns at a time -- matmuls into a bank (two banks rotate, so the next block's
+        matmuls overlap this block's copy out), then one copy into the row. None when the
+        row does not fit in SBUF (evaluate the usual way)."""
+        P = ext[job.part]
+        (f,) = job.free
+        n = ext[f]
+        blk = min(self.spec.psum_bank_bytes // ITEMSIZE["float32"], self.spec.matmul_max_n)
+        if n * ITEMSIZE["float32"] > self.spec.sbuf_partition_bytes // 4:
+            return None
+        out = self.tile(P, job.free, ext, "float32", f"{job.stage}_sb", env, depth=depth)
+        b = self.fresh(f"{f}_blk")
+        m = {f: Affine.make({f: 1, b: blk})}
+        ops = tuple(_subst(ld, m) for ld in job.ops)
+        blocked = dataclasses.replace(job, value=_subst(job.value, m), ops=ops, hooks={})
+        # the stationary operand (the query tile) once, outside the blocks
+        self.operand(blocked, ops[0], job.contract, [job.part], env, self.tile_ext(blocked, env))
+        nb, tail = divmod(n, blk)
+
+        def block(e, width):
+            e.ext[f] = width
+            with self.level():
+                ps = self.tile(P, (f,), e.ext, "float32", f"{job.stage}_ps", e, mem="psum")
+                blocked.dest = SlotDest(ps.base, "float32", ps.strides, "psum", ps.name)
+                blocked.direct = False
+                self.run_job(blocked, e)
+                dst = Val("sbuf", out.base + e.lin[b].scale(blk * ITEMSIZE["float32"]), (f,),
+                          (1,), "float32", out.name)
+                self.emit_balanced(isa.Instr.make("tensor_copy", "act", self.ap(dst, P, [f], e.ext),
+                                                  (self.ap(ps, P, [f], e.ext),)))
+        if nb > 1:
+            e = env.bind(b, Lin.var(b), **{f: blk})
+            e.loops = env.loops + (b,)
+            e.pipe = {**env.pipe, b: 2}
+            self.loop(b, nb, lambda: block(e, blk))
+        elif nb == 1:
+            block(env.bind(b, Lin(0), **{f: blk}), blk)
+        if tail:
+            block(env.bind(b, Lin(nb), **{f: tail}), tail)
         return out
 
     # -- expression evaluation: instruction selection ---------------------------------------
