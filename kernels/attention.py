@@ -26,6 +26,9 @@ from .conv import _even
 from .matmul import ext, tile_matmul
 
 
+MASK = 1e30
+
+
 @tl.kernel
 def attention_algo(Q, K, V, causal=False, scale=None):
     if len(Q.shape) != 3 or len(K.shape) != 3 or len(V.shape) != 3:
@@ -59,7 +62,9 @@ def attention_algo(Q, K, V, causal=False, scale=None):
             S[h, i, j] += Q[h, i, d] * K[h, j, d]
         if L is not S:
             s = S[h, i, j] * pre if pre != 1.0 else S[h, i, j]
-            L[h, i, j] = tl.where(j <= i, s, -tl.inf) if causal else s
+            # causal: keys j > i get -MASK * (j - i), far below any score (exp gives exactly
+            # 0, as for -inf); one pass over the index iota and one add to the scores
+            L[h, i, j] = s + tl.min(i - j, 0) * MASK if causal else s
     for h, i in tl.grid(H, Sq):
         mx[h, i] = -tl.inf
         for j in tl.reduce(Sk):
@@ -81,7 +86,7 @@ attention_algo.name = "attention"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 2, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
+DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 4, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
                                                    "pipe": 2, "cache_a": True}}
 
 
@@ -126,6 +131,9 @@ def template(s, cfg):
         at, _ = s.split(io, qi)
     for st in reversed([x.name for x in s.prog.stages if x.name != "O"]):
         s.compute_at(st, at)
+    if cfg.get("cache_kv", True):  # K^T (transposed) and V loaded once per head
+        s.cache_read("K", "sbuf", s.axes("O")[0])
+        s.cache_read("V", "sbuf", s.axes("O")[0])
     for st in ("mx", "total"):    # whole rows: one tile per query tile, whatever Sk
         for r in s.reduce_axes(st):
             s.vectorize(r)

@@ -48,7 +48,7 @@ SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide 
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
 COMPUTE_ENGINES = ("act", "dve", "pool")
-INTERLEAVE_MAX = 2      # compiler choice: query tiles of a transposed fill whose chains interleave
+INTERLEAVE_MAX = 4      # compiler choice: query tiles of a transposed fill whose chains interleave
 ROW_PSUM_BANKS = 4      # compiler choice: a kept contraction row over more banks goes to SBUF
 
 # ----------------------------------------------------------------------------------------
@@ -422,6 +422,7 @@ class Lowerer:
         self.prior = None           # second pass: the first pass's (decisions, loads)
         self.resident: set = set()       # PSUM buffers holding broadcast vectors
         self.prologue: set = set()       # scratch buffers used only before the job's loops
+        self.outside: set = set()        # scratch buffers of loads hoisted by cached_load
         self.psum_peak = 0                # PSUM the rest of the program needs at once
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
@@ -903,12 +904,41 @@ class Lowerer:
             v = self.virtual(producer, ld, part, deps, env, ext,
                              depth=None if level == -1 else level,
                              home=None if level == -1 else level)
+        elif (hit := self.cached_load(ld, part, deps, env, ext, key)) is not None:
+            v, level = hit
         elif self.invariant_broadcast(ld, part, deps, env, ext):
             v, level = self.broadcast(ld, part, deps, env, ext), 1
         else:
             v = self.load(ld, part, deps, env, ext, P)
         self.memo[level][key] = lambda e, d, v=v: v.with_deps(d, v.key)
         return v.with_key(key)
+
+    def cached_load(self, ld: Load, part: str, deps, env: Env, ext, key) -> tuple | None:
+        """(tile, memo level) of a load under a cache_read of its tensor at an enclosing loop
+        (see _attached_cache) whose address depends on no loop inside that one: emitted there
+        (before the inner loops, in a buffer clear of every buffer of the job) and kept at
+        that level. None: no such cache, or the address varies inside it."""
+        mark = next((m[("__cache__", ld.tensor)] for m in reversed(self.memo)
+                     if ("__cache__", ld.tensor) in m), None)
+        if mark is None:
+            return None
+        level, depth, at_env = mark
+        if any(v not in at_env.loops for v, _, _ in key[2].terms):
+            return None
+        outer = Env(env.lin, env.ext, at_env.loops, dict(at_env.pipe))
+        body, trips, hoisting = self.body, self.trips, self.hoisting
+        self.body, self.trips, self.hoisting = body[:depth + 1], trips[:depth + 1], True
+        try:
+            v = self.tile(ext[part], deps, ext, self.tensors[ld.tensor].dtype,
+                          f"{ld.tensor}_cache", outer, depth=level)
+            self.hoisting = False
+            first = len(self.buffers)
+            with self.level():
+                self.load(ld, part, deps, outer, ext, ext[part], into=v)
+            self.outside.update(b.name for b in self.buffers[first:])
+        finally:
+            self.body, self.trips, self.hoisting = body, trips, hoisting
+        return v, level
 
     @staticmethod
     def attached_key(ld: Load, part: str, deps, ext) -> tuple:
@@ -2022,14 +2052,24 @@ def add_hooks(lw: Lowerer, job: Job, st: Stage, sched: Schedule):
     for c in sched.state.cache_reads:
         if c.stage == st.name:
             at = atom(c.at)
+            hook = hoist if _reads(job, c.tensor) else _attached_cache
             job.hooks.setdefault(at, []).append(
-                lambda env, c=c, at=at: hoist(lw, job, c.tensor, at, env, producer=None))
+                lambda env, c=c, at=at, hook=hook: hook(lw, job, c.tensor, at, env, producer=None))
     for ps in sched.state.stages:
         if ps.attach and ps.attach[0] == st.name:
             at = atom(ps.attach[1])
             p = lw.prog.stage(ps.stage)  # the program with inlined stages substituted
             job.hooks.setdefault(at, []).append(
                 lambda env, p=p, at=at: hoist(lw, job, p.tensor, at, env, producer=p))
+
+
+def _attached_cache(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer=None):
+    """A cache_read at loop `at` of a tensor that only stages computed inside the job read
+    (attention's K, read by the scores of every query tile): marks this loop level, so each
+    tile of `tensor` those stages load whose address depends only on the loops enclosing
+    `at` is loaded once per iteration of `at` (emitted before the inner loops, kept at this
+    level; see Lowerer.cached_load) instead of once per inner iteration."""
+    lw.memo[-1][("__cache__", tensor)] = (len(lw.memo) - 1, len(lw.body) - 1, env)
 
 
 def _reads(job: Job, tensor: str) -> list[Load]:
@@ -2353,7 +2393,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
             T, ext = rows(e)
             live = {x[3] for x in lw.live}
             lw.live += [(b.mem, b.offset, b.size, b.name, level) for b in lw.buffers[first:]
-                        if b.name not in live]
+                        if b.name not in live and b.name not in lw.outside]
             done.append((lw.body.pop(), T, ext, e))
             lw.memo.pop()
         lw.body[-1].extend(_interleave([b for b, *_ in done]))
