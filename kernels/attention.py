@@ -105,7 +105,8 @@ def _output(s, cfg):
     h, i, e = s.axes("O")
     (j,) = s.reduce_axes("O")
     io, ii = s.split(i, _even(ext(s, i), cfg["qt"]))
-    jo, ji = s.split(j, _even(ext(s, j), cfg["kt"]))
+    kt = divisor(ext(s, j), cfg["kt"])    # whole key blocks when a divisor is not too small
+    jo, ji = s.split(j, kt if 2 * kt >= fit(ext(s, j), cfg["kt"]) else _even(ext(s, j), cfg["kt"]))
     s.reorder(h, io, jo, ii, e, ji)
     s.partition(ii)
     s.vectorize(e)

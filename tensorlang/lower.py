@@ -922,22 +922,25 @@ class Lowerer:
                      if ("__cache__", ld.tensor) in m), None)
         if mark is None:
             return None
-        level, depth, at_env = mark
+        level, depth, at_env, first = mark
         if any(v not in at_env.loops for v, _, _ in key[2].terms):
             return None
         outer = Env(env.lin, env.ext, at_env.loops, dict(at_env.pipe))
-        body, trips, hoisting = self.body, self.trips, self.hoisting
+        body, trips, hoisting, buf0 = self.body, self.trips, self.hoisting, self.job_buf0
+        # clear of every buffer allocated inside this loop's body so far (rewritten by its
+        # inner loops while the cached tile is read)
         self.body, self.trips, self.hoisting = body[:depth + 1], trips[:depth + 1], True
+        self.job_buf0 = first
         try:
             v = self.tile(ext[part], deps, ext, self.tensors[ld.tensor].dtype,
                           f"{ld.tensor}_cache", outer, depth=level)
-            self.hoisting = False
+            self.hoisting, self.job_buf0 = False, buf0
             first = len(self.buffers)
             with self.level():
                 self.load(ld, part, deps, outer, ext, ext[part], into=v)
             self.outside.update(b.name for b in self.buffers[first:])
         finally:
-            self.body, self.trips, self.hoisting = body, trips, hoisting
+            self.body, self.trips, self.hoisting, self.job_buf0 = body, trips, hoisting, buf0
         return v, level
 
     @staticmethod
@@ -1160,9 +1163,8 @@ class Lowerer:
                 n *= ext[f]
             bank = self.spec.psum_bank_bytes
             banks = -(-n * 4 // bank)
-            if len(job.free) == 1 and banks > 1 and (
-                    n > self.spec.max_free_elems_psum or banks > ROW_PSUM_BANKS
-                    or self.place("psum", banks * bank, bank) is None):
+            if len(job.free) == 1 and (self.long_row(n) or (
+                    banks > 1 and self.place("psum", banks * bank, bank) is None)):
                 return self.blocked_row(job, env, ext, depth)
             if n > self.spec.max_free_elems_psum or (banks > 1 and len(job.free) != 1):
                 return None
@@ -1179,6 +1181,8 @@ class Lowerer:
             return v
         if job.reduce is not None:
             return None
+        if len(job.free) == 1 and self.long_row(ext[job.free[0]]) and self.reads_row(job):
+            return self.blocked_map(job, env, ext, depth)
         home, self.home = self.home, depth
         try:
             v = self.eval(job, job.value, env, ext, job.free,
@@ -1193,6 +1197,70 @@ class Lowerer:
                         f"{job.stage}_sb", env, depth=depth)
         self.copy_into(v, self.ap(out, P, job.free, ext), job.free, ext, P, env)
         return out
+
+    def long_row(self, n: int) -> bool:
+        """Is a float32 row of n elements too long to keep in PSUM (see kept_tile)?"""
+        banks = -(-n * ITEMSIZE["float32"] // self.spec.psum_bank_bytes)
+        return banks > 1 and (n > self.spec.max_free_elems_psum or banks > ROW_PSUM_BANKS)
+
+    def reads_row(self, job: Job) -> bool:
+        """Does the elementwise `job` read an on-chip contraction along its free row, and no
+        other on-chip producer (a row statistic would need the whole row first)?"""
+        from .ir import loads  # noqa: PLC0415
+        (f,) = job.free
+        found = False
+        for ld in loads(job.value):
+            p = self.stage_of_tensor.get(ld.tensor)
+            if p is None or p.name not in self.attached:
+                continue
+            if not (self.sched.state.get(p.name).tensorized and any(ix.coef(f) for ix in ld.index)):
+                return False
+            found = True
+        return found
+
+    def blocked_map(self, job: Job, env: Env, ext, depth: int) -> Val:
+        """A loop-free elementwise producer over a long row that reads a contraction row
+        (causal logits L = S + mask over thousands of keys): evaluated one PSUM bank of
+        columns at a time, each block of the contraction kept in a PSUM bank (two rotate)
+        and read there directly, the result copied into the row (SBUF, kept at `depth`):
+        the contraction row never goes to SBUF and the block's temporaries stay small."""
+        P = ext[job.part]
+        (f,) = job.free
+        n = ext[f]
+        dtype = self.tensors[job.dest.tensor].dtype
+        blk = min(self.spec.psum_bank_bytes // ITEMSIZE["float32"], self.spec.matmul_max_n)
+        out = self.tile(P, job.free, ext, dtype, f"{job.stage}_sb", env, depth=depth)
+        b = self.fresh(f"{f}_blk")
+        value = _subst(job.value, {f: Affine.make({f: 1, b: blk})})
+        blocked = dataclasses.replace(job, value=value, hooks={})
+        nb, tail = divmod(n, blk)
+
+        def block(e, width):
+            e.ext[f] = width
+            with self.level():
+                keep, home, self.keep, self.home = self.keep, self.home, len(self.memo) - 1, None
+                try:
+                    v = self.eval(blocked, value, e, e.ext, [f], odt=dtype)
+                finally:
+                    self.keep, self.home = keep, home
+                dst = Val("sbuf", out.base + e.lin[b].scale(blk * ITEMSIZE[dtype]), (f,), (1,),
+                          dtype, out.name)
+                self.copy_into(v, self.ap(dst, P, [f], e.ext), [f], e.ext, P, e)
+        self.blocks(b, f, nb, tail, blk, env, block)
+        return out
+
+    def blocks(self, b: str, f: str, nb: int, tail: int, blk: int, env: Env, block):
+        """block(env, width) for each block of `blk` columns of free atom f: an ISA loop b
+        over the whole blocks (two slots for what a block allocates), then the tail."""
+        if nb > 1:
+            e = env.bind(b, Lin.var(b), **{f: blk})
+            e.loops = env.loops + (b,)
+            e.pipe = {**env.pipe, b: 2}
+            self.loop(b, nb, lambda: block(e, blk))
+        elif nb == 1:
+            block(env.bind(b, Lin(0), **{f: blk}), blk)
+        if tail:
+            block(env.bind(b, Lin(nb), **{f: tail}), tail)
 
     def blocked_row(self, job: Job, env: Env, ext, depth: int) -> Val | None:
         """A loop-free contraction row too long to keep in PSUM (a query tile's scores
@@ -1211,13 +1279,22 @@ class Lowerer:
         m = {f: Affine.make({f: 1, b: blk})}
         ops = tuple(_subst(ld, m) for ld in job.ops)
         blocked = dataclasses.replace(job, value=_subst(job.value, m), ops=ops, hooks={})
-        # the stationary operand (the query tile) once, outside the blocks
+        # the stationary operand (the query tile) once, outside the blocks; the moving one
+        # (keys) sliced per block out of a whole row when a cache_read holds that
         self.operand(blocked, ops[0], job.contract, [job.part], env, self.tile_ext(blocked, env))
+        row = self.cached_row(job, env)
         nb, tail = divmod(n, blk)
 
         def block(e, width):
             e.ext[f] = width
             with self.level():
+                if row is not None:
+                    ext_b = self.tile_ext(blocked, e)
+                    deps = tuple(d for d in job.free if any(ix.coef(d) for ix in ops[1].index))
+                    off = e.lin[b].scale(blk * row.strides[0] * ITEMSIZE[row.dtype])
+                    x = Val(row.mem, row.base + off, row.deps, row.strides, row.dtype, row.name)
+                    self.memo[-1][self.operand_key(ops[1], job.contract, deps, e, ext_b)] = \
+                        lambda e_, d, x=x: x.with_deps(d)
                 ps = self.tile(P, (f,), e.ext, "float32", f"{job.stage}_ps", e, mem="psum")
                 blocked.dest = SlotDest(ps.base, "float32", ps.strides, "psum", ps.name)
                 blocked.direct = False
@@ -1226,16 +1303,27 @@ class Lowerer:
                           (1,), "float32", out.name)
                 self.emit_balanced(isa.Instr.make("tensor_copy", "act", self.ap(dst, P, [f], e.ext),
                                                   (self.ap(ps, P, [f], e.ext),)))
-        if nb > 1:
-            e = env.bind(b, Lin.var(b), **{f: blk})
-            e.loops = env.loops + (b,)
-            e.pipe = {**env.pipe, b: 2}
-            self.loop(b, nb, lambda: block(e, blk))
-        elif nb == 1:
-            block(env.bind(b, Lin(0), **{f: blk}), blk)
-        if tail:
-            block(env.bind(b, Lin(nb), **{f: tail}), tail)
+        self.blocks(b, f, nb, tail, blk, env, block)
         return out
+
+    def cached_row(self, job: Job, env: Env) -> Val | None:
+        """The moving operand of a loop-free contraction over its whole free row when it is
+        (or can be, see cached_load) held by a cache_read at an enclosing loop; else None."""
+        mv, ext = job.ops[1], self.tile_ext(job, env)
+        deps = tuple(d for d in job.free if any(ix.coef(d) for ix in mv.index))
+        if len(deps) != 1 or mv.tensor in self.stage_of_tensor:     # an input tensor's row
+            return None
+        key = self.operand_key(mv, job.contract, deps, env, ext)
+        for m in reversed(self.memo):
+            if key in m:
+                return m[key](env, deps)
+        hit = self.cached_load(mv, job.contract, deps, env, ext, key)
+        if hit is None:
+            return None
+        v, level = hit
+        v = v.with_key(key)
+        self.memo[level][key] = lambda e, d, v=v: v.with_deps(d, v.key)
+        return v
 
     # -- expression evaluation: instruction selection ---------------------------------------
     #
@@ -2069,7 +2157,8 @@ def _attached_cache(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, produ
     tile of `tensor` those stages load whose address depends only on the loops enclosing
     `at` is loaded once per iteration of `at` (emitted before the inner loops, kept at this
     level; see Lowerer.cached_load) instead of once per inner iteration."""
-    lw.memo[-1][("__cache__", tensor)] = (len(lw.memo) - 1, len(lw.body) - 1, env)
+    lw.memo[-1][("__cache__", tensor)] = (len(lw.memo) - 1, len(lw.body) - 1, env,
+                                          len(lw.buffers))
 
 
 def _reads(job: Job, tensor: str) -> list[Load]:
