@@ -86,7 +86,7 @@ attention_algo.name = "attention"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 4, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
+DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 4, "hpipe": 2, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
                                                    "pipe": 2, "cache_a": True}}
 
 
@@ -130,6 +130,10 @@ def template(s, cfg):
     sq, sk = s.prog.tensors["Q"].shape[1], s.prog.tensors["K"].shape[1]
     if qi > 1 and sk * 4 <= bank and sq % _even(sq, cfg["qt"]) == 0:   # io: no tail split
         at, _ = s.split(io, qi)
+    h = s.axes("O")[0]
+    if cfg["hpipe"] > 1 and ext(s, h) > 1:
+        s.pipeline(h, cfg["hpipe"])    # the next head's K^T and V load during this head
+        s.pipeline(io if at == io else at, 1)   # (the query tiles' own buffers: one slot)
     for st in reversed([x.name for x in s.prog.stages if x.name != "O"]):
         s.compute_at(st, at)
     if cfg.get("cache_kv", True):  # K^T (transposed) and V loaded once per head

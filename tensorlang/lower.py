@@ -49,6 +49,7 @@ SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated lo
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
 COMPUTE_ENGINES = ("act", "dve", "pool")
 INTERLEAVE_MAX = 4      # compiler choice: query tiles of a transposed fill whose chains interleave
+SINGLE = "__single__"    # Env.pipe key: see _rotation
 ROW_PSUM_BANKS = 4      # compiler choice: a kept contraction row over more banks goes to SBUF
 
 # ----------------------------------------------------------------------------------------
@@ -515,7 +516,7 @@ class Lowerer:
         step that asked for the buffer in an overflow message."""
         level = len(self.memo) - 1 if depth is None else depth
         spec = self.spec
-        rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
+        rot = _rotation(env)
         if mem == "psum":
             unit = spec.psum_bank_bytes
             if nbytes > unit:
@@ -625,7 +626,10 @@ class Lowerer:
                 extra[inner] = inner_ext
             if count == 1 or u in job.unroll:
                 for c in range(start, start + count):
-                    body(env.bind(u, Lin(c), **extra))
+                    e = env.bind(u, Lin(c), **extra)
+                    if job.pipe.get(u) == 1:     # no rotation over the enclosing loops
+                        e.pipe = {**e.pipe, SINGLE: len(e.loops)}
+                    body(e)
             else:
                 e = env.bind(u, Lin.var(u) + start if start else Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
@@ -738,7 +742,7 @@ class Lowerer:
     def alloc_banks(self, n: int, name: str, env: Env, level: int | None = None,
                     resident: bool = False):
         spec = self.spec
-        rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
+        rot = _rotation(env)
         depth = rot[1] if rot else 1
         size = n * depth * spec.psum_bank_bytes
         top = self.place("psum", size, spec.psum_bank_bytes)
@@ -2103,6 +2107,18 @@ def _map_dmas(nodes, fn) -> list:
     return out
 
 
+def _rotation(env: Env):
+    """(loop, slots) a buffer allocated here rotates over: the innermost enclosing loop with
+    a pipeline depth, when that depth is 2 or more (a depth of 1 inside a pipelined loop
+    keeps what that inner loop allocates single-buffered, also when it runs once or
+    unrolled: env.pipe[SINGLE] then counts the ISA loops outside it); None: one slot."""
+    for k in range(len(env.loops) - 1, env.pipe.get(SINGLE, 0) - 1, -1):
+        v = env.loops[k]
+        if v in env.pipe:
+            return (v, env.pipe[v]) if env.pipe[v] > 1 else None
+    return None
+
+
 def _check_attachments(prog: Program, sched: Schedule):
     for ss in sched.state.stages:
         if not ss.attach:
@@ -2485,7 +2501,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
                         if b.name not in live and b.name not in lw.outside]
             done.append((lw.body.pop(), T, ext, e))
             lw.memo.pop()
-        lw.body[-1].extend(_interleave([b for b, *_ in done]))
+        lw.body[-1].extend(_interleave([b for b, *_ in done], lw.spec))
         rows_t = {T.name for _, T, *_ in done}    # after the streams, only the rows are read
         lw.live[:] = [x for x in lw.live if x[4] < level or x[3] in rows_t]
         lw.memo.append({})
@@ -2499,17 +2515,53 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
     return True
 
 
-def _interleave(streams: list) -> list:
-    """Round-robin merge of independent instruction streams (each keeps its order)."""
-    out, its = [], [iter(s) for s in streams]
-    while its:
-        for it in list(its):
-            x = next(it, None)
-            if x is None:
-                its.remove(it)
-            else:
-                out.append(x)
-    return out
+def _interleave(streams: list, spec) -> list:
+    """Merge independent instruction streams, each keeping its order, by list scheduling on
+    in-order engines: the next node is, of the streams' next ones, the one that could start
+    first (its engine free and the buffers it reads written, from the timing model's issue
+    intervals and latencies; ties round-robin). One stream's steps on one engine then
+    overlap another's on a different engine, where a round-robin merge queues every
+    stream's first step on an engine before any stream's second step can start."""
+    free: dict = {}                 # engine -> time it is free
+    ready: dict = {}                # buffer -> time its last write lands
+    pos, out, k = [0] * len(streams), [], 0
+
+    def costs(x, mult=1):
+        """[(engine, busy ps, latency ps, reads, writes)] of a node (a loop: its body x trips)."""
+        if isinstance(x, isa.Loop):
+            return [c for y in x.body for c in costs(y, mult * x.extent)]
+        c = instr_cost(x, spec)
+        eng = "dma" if c.is_dma else x.engine
+        return [(eng, c.ii_ps * mult, c.lat_ps, {a.name for a in x.srcs},
+                 {a.name for a in (x.dst, x.dst2) if a is not None})]
+
+    def start(cs):
+        return max([free.get(e, 0) for e, *_ in cs if e != "dma"]
+                   + [ready.get(b, 0) for *_, rd, _ in cs for b in rd] + [0])
+
+    while True:
+        best = None
+        for n in range(len(streams)):
+            s = (k + n) % len(streams)
+            if pos[s] < len(streams[s]):
+                cs = costs(streams[s][pos[s]])
+                t = start(cs)
+                if best is None or t < best[0]:
+                    best = (t, s, cs)
+        if best is None:
+            return out
+        t, s, cs = best
+        out.append(streams[s][pos[s]])
+        pos[s] += 1
+        k = s + 1
+        end = {}
+        for e, ii, lat, _, wr in cs:        # a loop's instructions run back to back per engine
+            end[e] = end.get(e, max(t, free.get(e, 0) if e != "dma" else t)) + ii
+            for b in wr:
+                ready[b] = max(ready.get(b, 0), end[e] + lat)
+        for e, x in end.items():
+            if e != "dma":
+                free[e] = x
 
 
 def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot_elems: int,
