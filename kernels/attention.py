@@ -128,7 +128,7 @@ def template(s, cfg):
     bank = sim.machine(s.machine).psum_bank_bytes
     qi = divisor(ext(s, io), cfg["qi"])
     sq, sk = s.prog.tensors["Q"].shape[1], s.prog.tensors["K"].shape[1]
-    if qi > 1 and sk * 4 <= bank and sq % _even(sq, cfg["qt"]) == 0:   # io: no tail split
+    if qi > 1 and sq % _even(sq, cfg["qt"]) == 0:   # io: no tail split
         at, _ = s.split(io, qi)
     h = s.axes("O")[0]
     if cfg["hpipe"] > 1 and ext(s, h) > 1:
@@ -156,6 +156,9 @@ def unfused(s, cfg):
         _rows(s, st, cfg["qt"])
 
 
+# fewer interleaved query tiles when their rows do not fit on chip together (long rows)
 attention = KernelFn("attention", attention_algo, (("flash", template, DEFAULT),
+                                                   ("flash", template, {**DEFAULT, "qi": 2}),
+                                                   ("flash", template, {**DEFAULT, "qi": 1}),
                                                    ("unfused", unfused, DEFAULT)),
                      "softmax(Q K^T / sqrt(D) [+ causal mask]) V per head")
