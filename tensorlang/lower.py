@@ -424,6 +424,9 @@ class Lowerer:
         self.resident: set = set()       # PSUM buffers holding broadcast vectors
         self.prologue: set = set()       # scratch buffers used only before the job's loops
         self.outside: set = set()        # scratch buffers of loads hoisted by cached_load
+        self.block = None                # (block loop, block width, row length) in blocked_map
+        self.into = None                 # (Val, eval depth): where that eval's top result goes
+        self.eval_depth = 0
         self.psum_peak = 0                # PSUM the rest of the program needs at once
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
@@ -919,16 +922,16 @@ class Lowerer:
 
     def cached_load(self, ld: Load, part: str, deps, env: Env, ext, key) -> tuple | None:
         """(tile, memo level) of a load under a cache_read of its tensor at an enclosing loop
-        (see _attached_cache) whose address depends on no loop inside that one: emitted there
-        (before the inner loops, in a buffer clear of every buffer of the job) and kept at
-        that level. None: no such cache, or the address varies inside it."""
-        mark = next((m[("__cache__", ld.tensor)] for m in reversed(self.memo)
-                     if ("__cache__", ld.tensor) in m), None)
+        (see _attached_cache; or any load inside a block loop of blocked_map) whose address
+        depends on no loop inside that one: emitted there (before the inner loops, in a
+        buffer clear of every buffer allocated inside it) and kept at that level, the
+        outermost such. None: no such cache, or the address varies inside it."""
+        used = {v for v, _, _ in key[2].terms}
+        mark = next((m[k] for m in self.memo for k in (("__cache__", ld.tensor), ("__cache__", "*"))
+                     if k in m and used <= set(m[k][2].loops)), None)
         if mark is None:
             return None
         level, depth, at_env, first = mark
-        if any(v not in at_env.loops for v, _, _ in key[2].terms):
-            return None
         outer = Env(env.lin, env.ext, at_env.loops, dict(at_env.pipe))
         body, trips, hoisting, buf0 = self.body, self.trips, self.hoisting, self.job_buf0
         # clear of every buffer allocated inside this loop's body so far (rewritten by its
@@ -1172,6 +1175,8 @@ class Lowerer:
                 return self.blocked_row(job, env, ext, depth)
             if n > self.spec.max_free_elems_psum or (banks > 1 and len(job.free) != 1):
                 return None
+            if self.block is not None:
+                self.block_row(job, env)
             if banks == 1:
                 v = self.tile(P, job.free, ext, "float32", f"{job.stage}_ps", env, mem="psum",
                               depth=depth)
@@ -1242,16 +1247,45 @@ class Lowerer:
         def block(e, width):
             e.ext[f] = width
             with self.level():
-                keep, home, self.keep, self.home = self.keep, self.home, len(self.memo) - 1, None
+                dst = Val("sbuf", out.base + e.lin[b].scale(blk * ITEMSIZE[dtype]), (f,), (1,),
+                          dtype, out.name)
+                saved = self.keep, self.home, self.block, self.into
+                self.keep, self.home = len(self.memo) - 1, None
+                self.block, self.into = (b, blk, n), (dst, self.eval_depth + 1)
                 try:
                     v = self.eval(blocked, value, e, e.ext, [f], odt=dtype)
                 finally:
-                    self.keep, self.home = keep, home
-                dst = Val("sbuf", out.base + e.lin[b].scale(blk * ITEMSIZE[dtype]), (f,), (1,),
-                          dtype, out.name)
-                self.copy_into(v, self.ap(dst, P, [f], e.ext), [f], e.ext, P, e)
-        self.blocks(b, f, nb, tail, blk, env, block)
+                    self.keep, self.home, self.block, self.into = saved
+                if v is not dst:      # (the top instruction wrote the row directly)
+                    self.copy_into(v, self.ap(dst, P, [f], e.ext), [f], e.ext, P, e)
+        # loads the blocks share (the query tile) are loaded once, before the block loop
+        mark = ("__cache__", "*")
+        self.memo[-1][mark] = (len(self.memo) - 1, len(self.body) - 1, env, len(self.buffers))
+        try:
+            self.blocks(b, f, nb, tail, blk, env, block)
+        finally:
+            del self.memo[-1][mark]
         return out
+
+    def block_row(self, job: Job, env: Env):
+        """Inside a block of blocked_map: the contraction block's moving operand (keys) as a
+        slice of the whole row when a cache_read holds that row (see cached_row)."""
+        b, blk, n = self.block
+        mv = job.ops[1]
+        (f,) = job.free
+        if not any(ix.coef(b) for ix in mv.index) or len(job.free) != 1:
+            return
+        full = dataclasses.replace(mv, index=tuple(ix.substitute({b: Affine.constant(0)})
+                                                  for ix in mv.index))
+        ext = self.tile_ext(job, env)
+        row = self.cached_row(job, env, full, {**ext, f: n})
+        if row is None:
+            return
+        deps = tuple(d for d in job.free if any(ix.coef(d) for ix in mv.index))
+        off = env.lin[b].scale(blk * row.strides[0] * ITEMSIZE[row.dtype])
+        x = Val(row.mem, row.base + off, row.deps, row.strides, row.dtype, row.name)
+        self.memo[-1][self.operand_key(mv, job.contract, deps, env, ext)] = \
+            lambda e_, d, x=x: x.with_deps(d)
 
     def blocks(self, b: str, f: str, nb: int, tail: int, blk: int, env: Env, block):
         """block(env, width) for each block of `blk` columns of free atom f: an ISA loop b
@@ -1310,10 +1344,11 @@ class Lowerer:
         self.blocks(b, f, nb, tail, blk, env, block)
         return out
 
-    def cached_row(self, job: Job, env: Env) -> Val | None:
-        """The moving operand of a loop-free contraction over its whole free row when it is
-        (or can be, see cached_load) held by a cache_read at an enclosing loop; else None."""
-        mv, ext = job.ops[1], self.tile_ext(job, env)
+    def cached_row(self, job: Job, env: Env, mv: Load | None = None, ext=None) -> Val | None:
+        """The moving operand of a loop-free contraction over its whole free row (`mv` over
+        `ext`, default: the job's) when it is (or can be, see cached_load) held by a
+        cache_read at an enclosing loop; else None."""
+        mv, ext = mv or job.ops[1], ext or self.tile_ext(job, env)
         deps = tuple(d for d in job.free if any(ix.coef(d) for ix in mv.index))
         if len(deps) != 1 or mv.tensor in self.stage_of_tensor:     # an input tensor's row
             return None
@@ -1341,6 +1376,13 @@ class Lowerer:
     def eval(self, job: Job, e: Expr, env: Env, ext, dims, part=None, odt=None):
         """Evaluate `e` over the tile [part] + dims; a float, or a Val. `odt`: the dtype the
         top-level instruction writes (a store's dtype: rounding once, as a store does)."""
+        self.eval_depth += 1
+        try:
+            return self.eval_expr(job, e, env, ext, dims, part, odt)
+        finally:
+            self.eval_depth -= 1
+
+    def eval_expr(self, job: Job, e: Expr, env: Env, ext, dims, part=None, odt=None):
         part = part or job.part
         P = ext[part]
         if isinstance(e, Const):
@@ -1513,7 +1555,11 @@ class Lowerer:
             n = ITEMSIZE[dtype]
             for d in deps:
                 n *= ext[d]
-            if self.used("sbuf") + 2 * n > self.spec.sbuf_partition_bytes // 2:
+            # (in a transposed fill, a row whose function its consumer computes again is
+            # kept when it fits: the consumer would otherwise need a tile as large)
+            again = reduce is not None and self.keep is not None
+            if self.used("sbuf") + (n if again else 2 * n) > self.spec.sbuf_partition_bytes // (
+                    1 if again else 2):
                 home = None
         name = {"activation": attrs.get("func"), "tensor_scalar": attrs.get("op0"),
                 "tensor_tensor": attrs.get("op"), "tensor_copy": "cast"}.get(op, op)
@@ -1521,7 +1567,12 @@ class Lowerer:
             # only the reduction is used: one slot, not multi-buffered (rewritten by the same
             # in-order engine each iteration, read by nobody)
             env = Env(dict(env.lin), dict(env.ext), env.loops, {})
-        out = self.tile(P, deps, ext, dtype, name, env, depth=home)
+        into = self.into
+        if (into is not None and into[1] == self.eval_depth and reduce is None
+                and into[0].dtype == dtype and into[0].deps == tuple(deps)):
+            out, self.into = into[0], None      # the caller's destination (see blocked_map)
+        else:
+            out = self.tile(P, deps, ext, dtype, name, env, depth=home)
         out.key = key
         dst = self.ap(out, P, list(deps), ext)
         full = 1 if op in ("activation", "tensor_scalar") else len(srcs)   # then [P,1] scalars
