@@ -3,18 +3,27 @@
     attention(Q, K, V, causal=False, scale=None)
         Q [H, Sq, D], K [H, Sk, D], V [H, Sk, Dv] -> O [H, Sq, Dv] (Q's dtype)
 
-The algorithm has seven stages: scores S = Q K^T (a contraction over D), the logits L
-(scaled, causally masked), the row max, E = exp(L - max), the row sum, the probabilities P
-(in V's dtype, so the second product runs on the systolic array at the input precision) and
-O = P V (a contraction over the keys).
+The algorithm: scores S = Q K^T (a contraction over D); the logits L (causal: the scores
+with keys j > i pushed far below any score, min(S, MASK * (i - j + 1/2)); none without a
+mask); the row max of L; the row sum of exp(L * scale - max * scale) and the probabilities
+P = exp(...) / sum (in V's dtype, so the second product runs on the systolic array at the
+input precision); O = P V (a contraction over the keys). The scale is applied by exp's own
+multiply (scale > 0: max(L) * scale is the row max of the scaled logits), so no pass
+scales the score row, and exp is shared by the sum (the activation's reduce) and P.
 
-The expert schedule (`flash`) computes every intermediate inside O's 128-row query-tile
-loop (compute_at): the lowering evaluates P in its own layout (queries on the partitions,
-the whole key row free: S for the tile is one PSUM row of the systolic array, Sk <= 2048),
-shares S, L and E between their readers, and transposes P per key block into O's
-stationary operand, so only Q, K, V and O touch HBM. True online-softmax rescaling (one
-pass over the keys in blocks) is a recurrence the DSL cannot express, so a query tile holds
-its whole score row; longer rows fall back to `unfused` (intermediates through HBM).
+The expert schedule (`flash`) computes every intermediate inside O's query-tile loop
+(compute_at): the lowering evaluates P in its own layout (queries on the partitions, the
+whole key row free), shares the row between its readers and transposes P per key block
+into O's stationary operand, so only Q, K, V and O touch HBM. A row of up to 2048 keys is
+a PSUM row of the systolic array; a longer one is computed one PSUM bank of keys at a
+time into SBUF (the causal logits straight from the bank), so any Sk whose row fits SBUF
+stays fused. K^T (transposed on the tensor engine) and V are loaded once per head
+(cache_read at the head loop; K is read by the scores, computed inside O), and the next
+head's while this one computes (the head loop pipelined). Up to `qi` query tiles are
+filled together: their softmax chains are independent and are merged onto the engines by
+list scheduling. True online-softmax rescaling (one pass over the keys in blocks) is a
+recurrence the DSL cannot express, and causal blocks above the diagonal are not skipped
+(loop extents are static); `unfused` (intermediates through HBM) remains the fallback.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from .conv import _even
 from .matmul import ext, tile_matmul
 
 
-MASK = 1e30
+MASK = 2 ** 46      # causal mask step (integer: iota computes it exactly)
 
 
 @tl.kernel
@@ -41,6 +50,9 @@ def attention_algo(Q, K, V, causal=False, scale=None):
                                  f"K {(H, Sk, D)} and V ({H}, {Sk}, Dv)")
     if causal and Sq > Sk:
         raise tl.TensorlangError(f"attention: causal needs Sq <= Sk, got Sq={Sq}, Sk={Sk}")
+    if causal and Sk * MASK >= 2 ** 62:
+        raise tl.TensorlangError(f"attention: causal mask needs Sk < {2 ** 62 // MASK}, "
+                                 f"got Sk={Sk}")
     scale = D ** -0.5 if scale is None else float(scale)
     S = tl.tensor((H, Sq, Sk), "float32", name="S")
     mx = tl.tensor((H, Sq), "float32", name="mx")
@@ -62,9 +74,10 @@ def attention_algo(Q, K, V, causal=False, scale=None):
             S[h, i, j] += Q[h, i, d] * K[h, j, d]
         if L is not S:
             s = S[h, i, j] * pre if pre != 1.0 else S[h, i, j]
-            # causal: keys j > i get -MASK * (j - i), far below any score (exp gives exactly
-            # 0, as for -inf); one pass over the index iota and one add to the scores
-            L[h, i, j] = s + tl.min(i - j, 0) * MASK if causal else s
+            # causal: min(s, MASK * (i - j + 1/2)): s itself for keys j <= i (as long as
+            # s < MASK / 2), at most -MASK / 2 for j > i, far below any score (exp gives
+            # exactly 0, as for -inf); one index iota and one min with the scores
+            L[h, i, j] = tl.min(s, (i - j) * MASK + MASK // 2) if causal else s
     for h, i in tl.grid(H, Sq):
         mx[h, i] = -tl.inf
         for j in tl.reduce(Sk):
@@ -118,11 +131,11 @@ def _output(s, cfg):
 
 def template(s, cfg):
     """Flash-style: everything but Q, K, V and O stays on chip. Inside O's query-tile loop
-    the scores S = Q K^T of the tile's 128 rows against every key (one PSUM row, on the
-    systolic array), the logits, the row max, exp, row sum and P are computed in the rows'
-    own layout (queries on the partitions) and P is transposed per key block for O = P V.
-    `qi` query tiles share one fill (their softmax chains interleave on the engines) when
-    their score rows fit a PSUM bank each."""
+    the scores S = Q K^T of the tile's 128 rows against every key (on the systolic array),
+    the logits, the row max, exp, row sum and P are computed in the rows' own layout
+    (queries on the partitions) and P is transposed per key block for O = P V. `qi` query
+    tiles share one fill (their softmax chains interleave on the engines); K^T and V are
+    cached per head and the head loop is pipelined (`hpipe` slots for those caches)."""
     io = _output(s, cfg)
     at = io
     bank = sim.machine(s.machine).psum_bank_bytes

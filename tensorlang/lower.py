@@ -2570,12 +2570,13 @@ def _interleave(streams: list, spec) -> list:
     """Merge independent instruction streams, each keeping its order, by list scheduling on
     in-order engines: the next node is, of the streams' next ones, the one that could start
     first (its engine free and the buffers it reads written, from the timing model's issue
-    intervals and latencies; ties round-robin). One stream's steps on one engine then
-    overlap another's on a different engine, where a round-robin merge queues every
-    stream's first step on an engine before any stream's second step can start."""
+    intervals and latencies; ties go to the first stream, which so runs ahead and reaches
+    the later engines first). One stream's steps on one engine then overlap another's on a
+    different engine, where a round-robin merge queues every stream's first step on an
+    engine before any stream's second step can start."""
     free: dict = {}                 # engine -> time it is free
     ready: dict = {}                # buffer -> time its last write lands
-    pos, out, k = [0] * len(streams), [], 0
+    pos, out = [0] * len(streams), []
 
     def costs(x, mult=1):
         """[(engine, busy ps, latency ps, reads, writes)] of a node (a loop: its body x trips)."""
@@ -2592,8 +2593,7 @@ def _interleave(streams: list, spec) -> list:
 
     while True:
         best = None
-        for n in range(len(streams)):
-            s = (k + n) % len(streams)
+        for s in range(len(streams)):
             if pos[s] < len(streams[s]):
                 cs = costs(streams[s][pos[s]])
                 t = start(cs)
@@ -2604,7 +2604,6 @@ def _interleave(streams: list, spec) -> list:
         t, s, cs = best
         out.append(streams[s][pos[s]])
         pos[s] += 1
-        k = s + 1
         end = {}
         for e, ii, lat, _, wr in cs:        # a loop's instructions run back to back per engine
             end[e] = end.get(e, max(t, free.get(e, 0) if e != "dma" else t)) + ii
