@@ -427,6 +427,7 @@ class Lowerer:
         self.block = None                # (block loop, block width, row length) in blocked_map
         self.into = None                 # (Val, eval depth): where that eval's top result goes
         self.eval_depth = 0
+        self.streams = False             # generating independent streams (_transposed_fill)
         self.psum_peak = 0                # PSUM the rest of the program needs at once
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
@@ -1644,7 +1645,8 @@ class Lowerer:
         seen = [(self.writer.get(a.name), self.anc[a.name][1]) for a in ins.srcs
                 if bid is not None and self.anc.get(a.name, (None,))[0] == bid]
         free = [e for e in engines if not any(e in anc and w != e for w, anc in seen)]
-        engines = free or engines
+        if not self.streams:
+            engines = free or engines
 
         iis = {}    # (id(instr), engine) -> (instr on engine, instr (keeps the id), ii ps)
 
@@ -2492,10 +2494,11 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
         ext = dict(e.ext)
         ext.update({f: lw.ext_of(job, f, e), part: nom[part], g: span})
         keep, lw.keep = lw.keep, len(lw.memo) - 1
+        streams, lw.streams = lw.streams, True
         try:
             return lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep, depth=lw.keep), ext
         finally:
-            lw.keep = keep
+            lw.keep, lw.streams = keep, streams
 
     def transposes(T, ext, e):
         unroll = n_rows <= 16   # few slots: their PSUM copies alternate act / dve
@@ -2546,7 +2549,11 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
             lw.body.append([])
             lw.memo.append({})
             first = len(lw.buffers)
-            T, ext = rows(e)
+            lw.streams = True
+            try:
+                T, ext = rows(e)
+            finally:
+                lw.streams = False
             live = {x[3] for x in lw.live}
             lw.live += [(b.mem, b.offset, b.size, b.name, level) for b in lw.buffers[first:]
                         if b.name not in live and b.name not in lw.outside]
