@@ -1191,7 +1191,8 @@ class Lowerer:
             return v
         if job.reduce is not None:
             return None
-        if len(job.free) == 1 and self.long_row(ext[job.free[0]]) and self.reads_row(job):
+        if len(job.free) == 1 and self.reads_row(job) and (
+                self.long_row(ext[job.free[0]]) or not self.psum_row_fits(ext[job.free[0]])):
             return self.blocked_map(job, env, ext, depth)
         home, self.home = self.home, depth
         try:
@@ -1212,6 +1213,12 @@ class Lowerer:
         """Is a float32 row of n elements too long to keep in PSUM (see kept_tile)?"""
         banks = -(-n * ITEMSIZE["float32"] // self.spec.psum_bank_bytes)
         return banks > 1 and (n > self.spec.max_free_elems_psum or banks > ROW_PSUM_BANKS)
+
+    def psum_row_fits(self, n: int) -> bool:
+        """Is there room in PSUM now for a float32 row of n elements (whole banks)?"""
+        bank = self.spec.psum_bank_bytes
+        banks = -(-n * ITEMSIZE["float32"] // bank)
+        return self.place("psum", banks * bank, bank) is not None
 
     def reads_row(self, job: Job) -> bool:
         """Does the elementwise `job` read an on-chip contraction along its free row, and no
@@ -1633,7 +1640,7 @@ class Lowerer:
         the whole program from the first, minus this instruction's own share."""
         engines = self.engines_for(ins)
         trips = self.trips[-1]
-        if ins.dst.free_size == 1:
+        if ins.dst.free_size == 1 and not (self.streams and ins.srcs[0].free_size > 1):
             # a [P,1] statistic step follows its operand's engine: streams are in order, so
             # on another engine it would wait behind that engine's wide work of the tile
             near = [e for e in engines if any(self.writer.get(a.name) == e for a in ins.srcs)]
