@@ -2511,12 +2511,24 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
         unroll = n_rows <= 16   # few slots: their PSUM copies alternate act / dve
         k = [0]
 
-        def each(e2, j=0):
+        def each(e2, j=0, engine=None):
             if j < len(row_slots):
                 u = row_slots[j]
                 if unroll:
                     for c in range(nom[u]):
                         each(e2.bind(u, Lin(c), **{u: 1}), j + 1)
+                elif j == len(row_slots) - 1 and nom[u] >= 4 and nom[u] % 2 == 0:
+                    # many slots (a long row): a loop over pairs whose copies alternate
+                    # act / dve (one engine alone would bound the transposes)
+                    v2 = lw.fresh(f"{u}2")
+
+                    def pair():
+                        for c, eng in enumerate(("act", "dve")):
+                            e3 = Env(dict(e2.lin), {**e2.ext, u: 1}, e2.loops + (v2,),
+                                     {**e2.pipe, v2: 2})
+                            e3.lin[u] = Lin.var(v2).scale(2) + c
+                            each(e3, j + 1, eng)
+                    lw.loop(v2, nom[u] // 2, pair)
                 else:
                     lw.bind_loop(job, u, e2, lambda e3: each(e3, j + 1))
                 return
@@ -2525,7 +2537,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
                 b = b + e2.lin[u].scale(ix.coef(u) * T.strides[0] * ITEMSIZE[T.dtype])
             nat = Val("sbuf", b, (part,), T.strides, T.dtype, T.name)
             lw.transpose_into(nat, slot_val(e2), part, f, ext, e2,
-                              ("act", "dve")[k[0] % 2] if unroll else "act")
+                              engine or (("act", "dve")[k[0] % 2] if unroll else "act"))
             k[0] += 1
         each(e)
 
@@ -2556,11 +2568,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
             lw.body.append([])
             lw.memo.append({})
             first = len(lw.buffers)
-            lw.streams = True
-            try:
-                T, ext = rows(e)
-            finally:
-                lw.streams = False
+            T, ext = rows(e)
             live = {x[3] for x in lw.live}
             lw.live += [(b.mem, b.offset, b.size, b.name, level) for b in lw.buffers[first:]
                         if b.name not in live and b.name not in lw.outside]
