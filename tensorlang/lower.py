@@ -427,7 +427,7 @@ class Lowerer:
         self.block = None                # (block loop, block width, row length) in blocked_map
         self.into = None                 # (Val, eval depth): where that eval's top result goes
         self.eval_depth = 0
-        self.streams = False             # generating independent streams (_transposed_fill)
+        self.streams = 0                 # chains a transposed fill is generating (0: none)
         self.psum_peak = 0                # PSUM the rest of the program needs at once
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
@@ -921,6 +921,12 @@ class Lowerer:
         self.memo[level][key] = lambda e, d, v=v: v.with_deps(d, v.key)
         return v.with_key(key)
 
+    def cache_mark(self, env: Env) -> tuple:
+        """Where cached_load puts a load hoisted to this point: (memo level, body and trips
+        depth, env, first buffer allocated after it)."""
+        return (len(self.memo) - 1, len(self.body) - 1, len(self.trips) - 1, env,
+                len(self.buffers))
+
     def cached_load(self, ld: Load, part: str, deps, env: Env, ext, key) -> tuple | None:
         """(tile, memo level) of a load under a cache_read of its tensor at an enclosing loop
         (see _attached_cache; or any load inside a block loop of blocked_map) whose address
@@ -929,15 +935,15 @@ class Lowerer:
         outermost such. None: no such cache, or the address varies inside it."""
         used = {v for v, _, _ in key[2].terms}
         mark = next((m[k] for m in self.memo for k in (("__cache__", ld.tensor), ("__cache__", "*"))
-                     if k in m and used <= set(m[k][2].loops)), None)
+                     if k in m and used <= set(m[k][3].loops)), None)
         if mark is None:
             return None
-        level, depth, at_env, first = mark
+        level, depth, tdepth, at_env, first = mark
         outer = Env(env.lin, env.ext, at_env.loops, dict(at_env.pipe))
         body, trips, hoisting, buf0 = self.body, self.trips, self.hoisting, self.job_buf0
         # clear of every buffer allocated inside this loop's body so far (rewritten by its
         # inner loops while the cached tile is read)
-        self.body, self.trips, self.hoisting = body[:depth + 1], trips[:depth + 1], True
+        self.body, self.trips, self.hoisting = body[:depth + 1], trips[:tdepth + 1], True
         self.job_buf0 = first
         try:
             v = self.tile(ext[part], deps, ext, self.tensors[ld.tensor].dtype,
@@ -1237,10 +1243,11 @@ class Lowerer:
 
     def blocked_map(self, job: Job, env: Env, ext, depth: int) -> Val:
         """A loop-free elementwise producer over a long row that reads a contraction row
-        (causal logits L = S + mask over thousands of keys): evaluated one PSUM bank of
-        columns at a time, each block of the contraction kept in a PSUM bank (two rotate)
-        and read there directly, the result copied into the row (SBUF, kept at `depth`):
-        the contraction row never goes to SBUF and the block's temporaries stay small."""
+        (causal logits min(S, mask) over thousands of keys, or a row PSUM has no room
+        for): evaluated one PSUM bank of columns at a time, each block of the contraction
+        kept in a PSUM bank (two rotate) and read there directly, the top instruction
+        writing the block of the row (SBUF, kept at `depth`): the contraction row never
+        goes to SBUF and the block's temporaries stay small."""
         P = ext[job.part]
         (f,) = job.free
         n = ext[f]
@@ -1268,7 +1275,7 @@ class Lowerer:
                     self.copy_into(v, self.ap(dst, P, [f], e.ext), [f], e.ext, P, e)
         # loads the blocks share (the query tile) are loaded once, before the block loop
         mark = ("__cache__", "*")
-        self.memo[-1][mark] = (len(self.memo) - 1, len(self.body) - 1, env, len(self.buffers))
+        self.memo[-1][mark] = self.cache_mark(env)
         try:
             self.blocks(b, f, nb, tail, blk, env, block)
         finally:
@@ -1289,6 +1296,11 @@ class Lowerer:
         row = self.cached_row(job, env, full, {**ext, f: n})
         if row is None:
             return
+        self.row_slice(row, job, mv, env, ext, b, blk)
+
+    def row_slice(self, row: Val, job: Job, mv: Load, env: Env, ext, b: str, blk: int):
+        """Block b (of blk columns) of a cached row: the tile the contraction's moving
+        operand `mv` reads in this block (memo of this level)."""
         deps = tuple(d for d in job.free if any(ix.coef(d) for ix in mv.index))
         off = env.lin[b].scale(blk * row.strides[0] * ITEMSIZE[row.dtype])
         x = Val(row.mem, row.base + off, row.deps, row.strides, row.dtype, row.name)
@@ -1335,12 +1347,7 @@ class Lowerer:
             e.ext[f] = width
             with self.level():
                 if row is not None:
-                    ext_b = self.tile_ext(blocked, e)
-                    deps = tuple(d for d in job.free if any(ix.coef(d) for ix in ops[1].index))
-                    off = e.lin[b].scale(blk * row.strides[0] * ITEMSIZE[row.dtype])
-                    x = Val(row.mem, row.base + off, row.deps, row.strides, row.dtype, row.name)
-                    self.memo[-1][self.operand_key(ops[1], job.contract, deps, e, ext_b)] = \
-                        lambda e_, d, x=x: x.with_deps(d)
+                    self.row_slice(row, job, ops[1], e, self.tile_ext(blocked, e), b, blk)
                 ps = self.tile(P, (f,), e.ext, "float32", f"{job.stage}_ps", e, mem="psum")
                 blocked.dest = SlotDest(ps.base, "float32", ps.strides, "psum", ps.name)
                 blocked.direct = False
@@ -1685,7 +1692,10 @@ class Lowerer:
         own = base[plan[0][0]] + cost(ins, plan[0][0])
         if own > SPLIT_BUSY * self.hbm_ps:
             split = self.split_plan(ins, engines, cost, base)
-            if split is not None and peak_of(split)[0] < peak_of(plan)[0] * (1 - SPLIT_MIN_GAIN):
+            # (a transposed fill's one chain: its steps wait for each other, so a wide step
+            # split over engines finishes sooner even at an equal peak load)
+            if split is not None and (self.streams == 1 and ins.dst.free_size >= SPLIT_MIN_ELEMS
+                                      or peak_of(split)[0] < peak_of(plan)[0] * (1 - SPLIT_MIN_GAIN)):
                 plan = split
         mine = {}
         for e, i in plan:
@@ -2233,8 +2243,7 @@ def _attached_cache(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, produ
     tile of `tensor` those stages load whose address depends only on the loops enclosing
     `at` is loaded once per iteration of `at` (emitted before the inner loops, kept at this
     level; see Lowerer.cached_load) instead of once per inner iteration."""
-    lw.memo[-1][("__cache__", tensor)] = (len(lw.memo) - 1, len(lw.body) - 1, env,
-                                          len(lw.buffers))
+    lw.memo[-1][("__cache__", tensor)] = lw.cache_mark(env)
 
 
 def _reads(job: Job, tensor: str) -> list[Load]:
@@ -2501,7 +2510,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
         ext = dict(e.ext)
         ext.update({f: lw.ext_of(job, f, e), part: nom[part], g: span})
         keep, lw.keep = lw.keep, len(lw.memo) - 1
-        streams, lw.streams = lw.streams, True
+        streams, lw.streams = lw.streams, lw.streams or 1
         try:
             return lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep, depth=lw.keep), ext
         finally:
@@ -2568,7 +2577,11 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
             lw.body.append([])
             lw.memo.append({})
             first = len(lw.buffers)
-            T, ext = rows(e)
+            lw.streams = n_out
+            try:
+                T, ext = rows(e)
+            finally:
+                lw.streams = 0
             live = {x[3] for x in lw.live}
             lw.live += [(b.mem, b.offset, b.size, b.name, level) for b in lw.buffers[first:]
                         if b.name not in live and b.name not in lw.outside]
