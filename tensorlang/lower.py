@@ -49,7 +49,9 @@ SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide 
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
 COMPUTE_ENGINES = ("act", "dve", "pool")
-INTERLEAVE_MAX = 2      # compiler choice: query tiles of a transposed fill whose chains interleave
+INTERLEAVE_MAX = 4      # compiler choice: query tiles of a transposed fill whose chains interleave
+SINGLE = "__single__"    # Env.pipe key: see _rotation
+ROW_PSUM_BANKS = 4      # compiler choice: a kept contraction row over more banks goes to SBUF
 
 # ----------------------------------------------------------------------------------------
 # affine values over ISA loop variables
@@ -423,6 +425,11 @@ class Lowerer:
         self.prior = None           # second pass: the first pass's (decisions, loads)
         self.resident: set = set()       # PSUM buffers holding broadcast vectors
         self.prologue: set = set()       # scratch buffers used only before the job's loops
+        self.outside: set = set()        # scratch buffers of loads hoisted by cached_load
+        self.block = None                # (block loop, block width, row length) in blocked_map
+        self.into = None                 # (Val, eval depth): where that eval's top result goes
+        self.eval_depth = 0
+        self.streams = 0                 # chains a transposed fill is generating (0: none)
         self.psum_peak = 0                # PSUM the rest of the program needs at once
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
@@ -515,7 +522,7 @@ class Lowerer:
         step that asked for the buffer in an overflow message."""
         level = len(self.memo) - 1 if depth is None else depth
         spec = self.spec
-        rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
+        rot = _rotation(env)
         if mem == "psum":
             unit = spec.psum_bank_bytes
             if nbytes > unit:
@@ -625,7 +632,10 @@ class Lowerer:
                 extra[inner] = inner_ext
             if count == 1 or u in job.unroll:
                 for c in range(start, start + count):
-                    body(env.bind(u, Lin(c), **extra))
+                    e = env.bind(u, Lin(c), **extra)
+                    if job.pipe.get(u) == 1:     # no rotation over the enclosing loops
+                        e.pipe = {**e.pipe, SINGLE: len(e.loops)}
+                    body(e)
             else:
                 e = env.bind(u, Lin.var(u) + start if start else Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
@@ -738,7 +748,7 @@ class Lowerer:
     def alloc_banks(self, n: int, name: str, env: Env, level: int | None = None,
                     resident: bool = False):
         spec = self.spec
-        rot = next(((v, env.pipe[v]) for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), None)
+        rot = _rotation(env)
         depth = rot[1] if rot else 1
         size = n * depth * spec.psum_bank_bytes
         top = self.place("psum", size, spec.psum_bank_bytes)
@@ -902,13 +912,52 @@ class Lowerer:
             if self.keep is not None and not job.loops:
                 level = self.keep       # kept for every reader inside the transposed fill
             v = self.virtual(producer, ld, part, deps, env, ext,
-                             depth=None if level == -1 else level)
+                             depth=None if level == -1 else level,
+                             home=None if level == -1 else level)
+        elif (hit := self.cached_load(ld, part, deps, env, ext, key)) is not None:
+            v, level = hit
         elif self.invariant_broadcast(ld, part, deps, env, ext):
             v, level = self.broadcast(ld, part, deps, env, ext), 1
         else:
             v = self.load(ld, part, deps, env, ext, P)
         self.memo[level][key] = lambda e, d, v=v: v.with_deps(d, v.key)
         return v.with_key(key)
+
+    def cache_mark(self, env: Env) -> tuple:
+        """Where cached_load puts a load hoisted to this point: (memo level, body and trips
+        depth, env, first buffer allocated after it)."""
+        return (len(self.memo) - 1, len(self.body) - 1, len(self.trips) - 1, env,
+                len(self.buffers))
+
+    def cached_load(self, ld: Load, part: str, deps, env: Env, ext, key) -> tuple | None:
+        """(tile, memo level) of a load under a cache_read of its tensor at an enclosing loop
+        (see _attached_cache; or any load inside a block loop of blocked_map) whose address
+        depends on no loop inside that one: emitted there (before the inner loops, in a
+        buffer clear of every buffer allocated inside it) and kept at that level, the
+        outermost such. None: no such cache, or the address varies inside it."""
+        used = {v for v, _, _ in key[2].terms}
+        mark = next((m[k] for m in self.memo for k in (("__cache__", ld.tensor), ("__cache__", "*"))
+                     if k in m and used <= set(m[k][3].loops)), None)
+        if mark is None:
+            return None
+        level, depth, tdepth, at_env, first = mark
+        outer = Env(env.lin, env.ext, at_env.loops, dict(at_env.pipe))
+        body, trips, hoisting, buf0 = self.body, self.trips, self.hoisting, self.job_buf0
+        # clear of every buffer allocated inside this loop's body so far (rewritten by its
+        # inner loops while the cached tile is read)
+        self.body, self.trips, self.hoisting = body[:depth + 1], trips[:tdepth + 1], True
+        self.job_buf0 = first
+        try:
+            v = self.tile(ext[part], deps, ext, self.tensors[ld.tensor].dtype,
+                          f"{ld.tensor}_cache", outer, depth=level)
+            self.hoisting, self.job_buf0 = False, buf0
+            first = len(self.buffers)
+            with self.level():
+                self.load(ld, part, deps, outer, ext, ext[part], into=v)
+            self.outside.update(b.name for b in self.buffers[first:])
+        finally:
+            self.body, self.trips, self.hoisting, self.job_buf0 = body, trips, hoisting, buf0
+        return v, level
 
     @staticmethod
     def attached_key(ld: Load, part: str, deps, ext) -> tuple:
@@ -1157,8 +1206,11 @@ class Lowerer:
         self.home = home if not job.loops else None
         if home is not None:
             from .ir import walk  # noqa: PLC0415
-            consumer = self.prog.stage(self.attached[producer.name][0])
-            self.home_funcs = {x.op for x in walk(consumer.value) if isinstance(x, Unary)}
+            target = self.attached[producer.name][0]    # the consumer and its other producers
+            readers = [self.prog.stage(target)] + [self.prog.stage(p) for p, a in
+                                                   self.attached.items() if a[0] == target]
+            self.home_funcs = {x.op for st in readers for x in walk(st.value)
+                               if isinstance(x, Unary)}
         self.run_job(job, env2)
         self.home, self.home_funcs = outer
         return v
@@ -1177,8 +1229,13 @@ class Lowerer:
                 n *= ext[f]
             bank = self.spec.psum_bank_bytes
             banks = -(-n * 4 // bank)
+            if len(job.free) == 1 and (self.long_row(n) or (
+                    banks > 1 and self.place("psum", banks * bank, bank) is None)):
+                return self.blocked_row(job, env, ext, depth)
             if n > self.spec.max_free_elems_psum or (banks > 1 and len(job.free) != 1):
                 return None
+            if self.block is not None:
+                self.block_row(job, env)
             if banks == 1:
                 v = self.tile(P, job.free, ext, "float32", f"{job.stage}_ps", env, mem="psum",
                               depth=depth)
@@ -1192,6 +1249,9 @@ class Lowerer:
             return v
         if job.reduce is not None:
             return None
+        if len(job.free) == 1 and self.reads_row(job) and (
+                self.long_row(ext[job.free[0]]) or not self.psum_row_fits(ext[job.free[0]])):
+            return self.blocked_map(job, env, ext, depth)
         home, self.home = self.home, depth
         try:
             v = self.eval(job, job.value, env, ext, job.free,
@@ -1207,6 +1267,170 @@ class Lowerer:
         self.copy_into(v, self.ap(out, P, job.free, ext), job.free, ext, P, env)
         return out
 
+    def long_row(self, n: int) -> bool:
+        """Is a float32 row of n elements too long to keep in PSUM (see kept_tile)?"""
+        banks = -(-n * ITEMSIZE["float32"] // self.spec.psum_bank_bytes)
+        return banks > 1 and (n > self.spec.max_free_elems_psum or banks > ROW_PSUM_BANKS)
+
+    def psum_row_fits(self, n: int) -> bool:
+        """Is there room in PSUM now for a float32 row of n elements (whole banks)?"""
+        bank = self.spec.psum_bank_bytes
+        banks = -(-n * ITEMSIZE["float32"] // bank)
+        return self.place("psum", banks * bank, bank) is not None
+
+    def reads_row(self, job: Job) -> bool:
+        """Does the elementwise `job` read an on-chip contraction along its free row, and no
+        other on-chip producer (a row statistic would need the whole row first)?"""
+        from .ir import loads  # noqa: PLC0415
+        (f,) = job.free
+        found = False
+        for ld in loads(job.value):
+            p = self.stage_of_tensor.get(ld.tensor)
+            if p is None or p.name not in self.attached:
+                continue
+            if not (self.sched.state.get(p.name).tensorized and any(ix.coef(f) for ix in ld.index)):
+                return False
+            found = True
+        return found
+
+    def blocked_map(self, job: Job, env: Env, ext, depth: int) -> Val:
+        """A loop-free elementwise producer over a long row that reads a contraction row
+        (causal logits min(S, mask) over thousands of keys, or a row PSUM has no room
+        for): evaluated one PSUM bank of columns at a time, each block of the contraction
+        kept in a PSUM bank (two rotate) and read there directly, the top instruction
+        writing the block of the row (SBUF, kept at `depth`): the contraction row never
+        goes to SBUF and the block's temporaries stay small."""
+        P = ext[job.part]
+        (f,) = job.free
+        n = ext[f]
+        dtype = self.tensors[job.dest.tensor].dtype
+        blk = min(self.spec.psum_bank_bytes // ITEMSIZE["float32"], self.spec.matmul_max_n)
+        out = self.tile(P, job.free, ext, dtype, f"{job.stage}_sb", env, depth=depth)
+        b = self.fresh(f"{f}_blk")
+        value = _subst(job.value, {f: Affine.make({f: 1, b: blk})})
+        blocked = dataclasses.replace(job, value=value, hooks={})
+        nb, tail = divmod(n, blk)
+
+        def block(e, width):
+            e.ext[f] = width
+            with self.level():
+                dst = Val("sbuf", out.base + e.lin[b].scale(blk * ITEMSIZE[dtype]), (f,), (1,),
+                          dtype, out.name)
+                saved = self.keep, self.home, self.block, self.into
+                self.keep, self.home = len(self.memo) - 1, None
+                self.block, self.into = (b, blk, n), (dst, self.eval_depth + 1)
+                try:
+                    v = self.eval(blocked, value, e, e.ext, [f], odt=dtype)
+                finally:
+                    self.keep, self.home, self.block, self.into = saved
+                if v is not dst:      # (the top instruction wrote the row directly)
+                    self.copy_into(v, self.ap(dst, P, [f], e.ext), [f], e.ext, P, e)
+        # loads the blocks share (the query tile) are loaded once, before the block loop
+        mark = ("__cache__", "*")
+        self.memo[-1][mark] = self.cache_mark(env)
+        try:
+            self.blocks(b, f, nb, tail, blk, env, block)
+        finally:
+            del self.memo[-1][mark]
+        return out
+
+    def block_row(self, job: Job, env: Env):
+        """Inside a block of blocked_map: the contraction block's moving operand (keys) as a
+        slice of the whole row when a cache_read holds that row (see cached_row)."""
+        b, blk, n = self.block
+        mv = job.ops[1]
+        (f,) = job.free
+        if not any(ix.coef(b) for ix in mv.index) or len(job.free) != 1:
+            return
+        full = dataclasses.replace(mv, index=tuple(ix.substitute({b: Affine.constant(0)})
+                                                  for ix in mv.index))
+        ext = self.tile_ext(job, env)
+        row = self.cached_row(job, env, full, {**ext, f: n})
+        if row is None:
+            return
+        self.row_slice(row, job, mv, env, ext, b, blk)
+
+    def row_slice(self, row: Val, job: Job, mv: Load, env: Env, ext, b: str, blk: int):
+        """Block b (of blk columns) of a cached row: the tile the contraction's moving
+        operand `mv` reads in this block (memo of this level)."""
+        deps = tuple(d for d in job.free if any(ix.coef(d) for ix in mv.index))
+        off = env.lin[b].scale(blk * row.strides[0] * ITEMSIZE[row.dtype])
+        x = Val(row.mem, row.base + off, row.deps, row.strides, row.dtype, row.name)
+        self.memo[-1][self.operand_key(mv, job.contract, deps, env, ext)] = \
+            lambda e_, d, x=x: x.with_deps(d)
+
+    def blocks(self, b: str, f: str, nb: int, tail: int, blk: int, env: Env, block):
+        """block(env, width) for each block of `blk` columns of free atom f: an ISA loop b
+        over the whole blocks (two slots for what a block allocates), then the tail."""
+        if nb > 1:
+            e = env.bind(b, Lin.var(b), **{f: blk})
+            e.loops = env.loops + (b,)
+            e.pipe = {**env.pipe, b: 2}
+            self.loop(b, nb, lambda: block(e, blk))
+        elif nb == 1:
+            block(env.bind(b, Lin(0), **{f: blk}), blk)
+        if tail:
+            block(env.bind(b, Lin(nb), **{f: tail}), tail)
+
+    def blocked_row(self, job: Job, env: Env, ext, depth: int) -> Val | None:
+        """A loop-free contraction row too long to keep in PSUM (a query tile's scores
+        against thousands of keys): kept in SBUF (float32), computed one PSUM bank of
+        columns at a time -- matmuls into a bank (two banks rotate, so the next block's
+        matmuls overlap this block's copy out), then one copy into the row. None when the
+        row does not fit in SBUF (evaluate the usual way)."""
+        P = ext[job.part]
+        (f,) = job.free
+        n = ext[f]
+        blk = min(self.spec.psum_bank_bytes // ITEMSIZE["float32"], self.spec.matmul_max_n)
+        if n * ITEMSIZE["float32"] > self.spec.sbuf_partition_bytes // 4:
+            return None
+        out = self.tile(P, job.free, ext, "float32", f"{job.stage}_sb", env, depth=depth)
+        b = self.fresh(f"{f}_blk")
+        m = {f: Affine.make({f: 1, b: blk})}
+        ops = tuple(_subst(ld, m) for ld in job.ops)
+        blocked = dataclasses.replace(job, value=_subst(job.value, m), ops=ops, hooks={})
+        # the stationary operand (the query tile) once, outside the blocks; the moving one
+        # (keys) sliced per block out of a whole row when a cache_read holds that
+        self.operand(blocked, ops[0], job.contract, [job.part], env, self.tile_ext(blocked, env))
+        row = self.cached_row(job, env)
+        nb, tail = divmod(n, blk)
+
+        def block(e, width):
+            e.ext[f] = width
+            with self.level():
+                if row is not None:
+                    self.row_slice(row, job, ops[1], e, self.tile_ext(blocked, e), b, blk)
+                ps = self.tile(P, (f,), e.ext, "float32", f"{job.stage}_ps", e, mem="psum")
+                blocked.dest = SlotDest(ps.base, "float32", ps.strides, "psum", ps.name)
+                blocked.direct = False
+                self.run_job(blocked, e)
+                dst = Val("sbuf", out.base + e.lin[b].scale(blk * ITEMSIZE["float32"]), (f,),
+                          (1,), "float32", out.name)
+                self.emit_balanced(isa.Instr.make("tensor_copy", "act", self.ap(dst, P, [f], e.ext),
+                                                  (self.ap(ps, P, [f], e.ext),)))
+        self.blocks(b, f, nb, tail, blk, env, block)
+        return out
+
+    def cached_row(self, job: Job, env: Env, mv: Load | None = None, ext=None) -> Val | None:
+        """The moving operand of a loop-free contraction over its whole free row (`mv` over
+        `ext`, default: the job's) when it is (or can be, see cached_load) held by a
+        cache_read at an enclosing loop; else None."""
+        mv, ext = mv or job.ops[1], ext or self.tile_ext(job, env)
+        deps = tuple(d for d in job.free if any(ix.coef(d) for ix in mv.index))
+        if len(deps) != 1 or mv.tensor in self.stage_of_tensor:     # an input tensor's row
+            return None
+        key = self.operand_key(mv, job.contract, deps, env, ext)
+        for m in reversed(self.memo):
+            if key in m:
+                return m[key](env, deps)
+        hit = self.cached_load(mv, job.contract, deps, env, ext, key)
+        if hit is None:
+            return None
+        v, level = hit
+        v = v.with_key(key)
+        self.memo[level][key] = lambda e, d, v=v: v.with_deps(d, v.key)
+        return v
+
     # -- expression evaluation: instruction selection ---------------------------------------
     #
     # A tile expression becomes as few engine passes as the ISA allows (see docs/architecture.md,
@@ -1219,6 +1443,13 @@ class Lowerer:
     def eval(self, job: Job, e: Expr, env: Env, ext, dims, part=None, odt=None):
         """Evaluate `e` over the tile [part] + dims; a float, or a Val. `odt`: the dtype the
         top-level instruction writes (a store's dtype: rounding once, as a store does)."""
+        self.eval_depth += 1
+        try:
+            return self.eval_expr(job, e, env, ext, dims, part, odt)
+        finally:
+            self.eval_depth -= 1
+
+    def eval_expr(self, job: Job, e: Expr, env: Env, ext, dims, part=None, odt=None):
         part = part or job.part
         P = ext[part]
         if isinstance(e, Const):
@@ -1434,7 +1665,11 @@ class Lowerer:
             n = ITEMSIZE[dtype]
             for d in deps:
                 n *= ext[d]
-            if self.used("sbuf") + 2 * n > self.spec.sbuf_partition_bytes // 2:
+            # (in a transposed fill, a row whose function its consumer computes again is
+            # kept when it fits: the consumer would otherwise need a tile as large)
+            again = reduce is not None and self.keep is not None
+            if self.used("sbuf") + (n if again else 2 * n) > self.spec.sbuf_partition_bytes // (
+                    1 if again else 2):
                 home = None
         name = {"activation": attrs.get("func"), "tensor_scalar": attrs.get("op0"),
                 "tensor_tensor": attrs.get("op"), "tensor_copy": "cast"}.get(op, op)
@@ -1442,7 +1677,12 @@ class Lowerer:
             # only the reduction is used: one slot, not multi-buffered (rewritten by the same
             # in-order engine each iteration, read by nobody)
             env = Env(dict(env.lin), dict(env.ext), env.loops, {})
-        out = self.tile(P, deps, ext, dtype, name, env, depth=home)
+        into = self.into
+        if (into is not None and into[1] == self.eval_depth and reduce is None
+                and into[0].dtype == dtype and into[0].deps == tuple(deps)):
+            out, self.into = into[0], None      # the caller's destination (see blocked_map)
+        else:
+            out = self.tile(P, deps, ext, dtype, name, env, depth=home)
         out.key = key
         dst = self.ap(out, P, list(deps), ext)
         full = 1 if op in ("activation", "tensor_scalar") else len(srcs)   # then [P,1] scalars
@@ -1502,7 +1742,7 @@ class Lowerer:
         the whole program from the first, minus this instruction's own share."""
         engines = self.engines_for(ins)
         trips = self.trips[-1]
-        if ins.dst.free_size == 1:
+        if ins.dst.free_size == 1 and not (self.streams and ins.srcs[0].free_size > 1):
             # a [P,1] statistic step follows its operand's engine: streams are in order, so
             # on another engine it would wait behind that engine's wide work of the tile
             near = [e for e in engines if any(self.writer.get(a.name) == e for a in ins.srcs)]
@@ -1514,7 +1754,8 @@ class Lowerer:
         seen = [(self.writer.get(a.name), self.anc[a.name][1]) for a in ins.srcs
                 if bid is not None and self.anc.get(a.name, (None,))[0] == bid]
         free = [e for e in engines if not any(e in anc and w != e for w, anc in seen)]
-        engines = free or engines
+        if not self.streams:
+            engines = free or engines
 
         iis = {}    # (id(instr), engine) -> (instr on engine, instr (keeps the id), ii ps)
 
@@ -1546,7 +1787,10 @@ class Lowerer:
         own = base[plan[0][0]] + cost(ins, plan[0][0])
         if own > SPLIT_BUSY * self.hbm_ps:
             split = self.split_plan(ins, engines, cost, base)
-            if split is not None and peak_of(split)[0] < peak_of(plan)[0] * (1 - SPLIT_MIN_GAIN):
+            # (a transposed fill's one chain: its steps wait for each other, so a wide step
+            # split over engines finishes sooner even at an equal peak load)
+            if split is not None and (self.streams == 1 and ins.dst.free_size >= SPLIT_MIN_ELEMS
+                                      or peak_of(split)[0] < peak_of(plan)[0] * (1 - SPLIT_MIN_GAIN)):
                 plan = split
         mine = {}
         for e, i in plan:
@@ -2132,6 +2376,18 @@ def _map_dmas(nodes, fn) -> list:
     return out
 
 
+def _rotation(env: Env):
+    """(loop, slots) a buffer allocated here rotates over: the innermost enclosing loop with
+    a pipeline depth, when that depth is 2 or more (a depth of 1 inside a pipelined loop
+    keeps what that inner loop allocates single-buffered, also when it runs once or
+    unrolled: env.pipe[SINGLE] then counts the ISA loops outside it); None: one slot."""
+    for k in range(len(env.loops) - 1, env.pipe.get(SINGLE, 0) - 1, -1):
+        v = env.loops[k]
+        if v in env.pipe:
+            return (v, env.pipe[v]) if env.pipe[v] > 1 else None
+    return None
+
+
 def _check_attachments(prog: Program, sched: Schedule):
     for ss in sched.state.stages:
         if not ss.attach:
@@ -2169,14 +2425,24 @@ def add_hooks(lw: Lowerer, job: Job, st: Stage, sched: Schedule):
     for c in sched.state.cache_reads:
         if c.stage == st.name:
             at = atom(c.at)
+            hook = hoist if _reads(job, c.tensor) else _attached_cache
             job.hooks.setdefault(at, []).append(
-                lambda env, c=c, at=at: hoist(lw, job, c.tensor, at, env, producer=None))
+                lambda env, c=c, at=at, hook=hook: hook(lw, job, c.tensor, at, env, producer=None))
     for ps in sched.state.stages:
         if ps.attach and ps.attach[0] == st.name:
             at = atom(ps.attach[1])
             p = lw.prog.stage(ps.stage)  # the program with inlined stages substituted
             job.hooks.setdefault(at, []).append(
                 lambda env, p=p, at=at: hoist(lw, job, p.tensor, at, env, producer=p))
+
+
+def _attached_cache(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer=None):
+    """A cache_read at loop `at` of a tensor that only stages computed inside the job read
+    (attention's K, read by the scores of every query tile): marks this loop level, so each
+    tile of `tensor` those stages load whose address depends only on the loops enclosing
+    `at` is loaded once per iteration of `at` (emitted before the inner loops, kept at this
+    level; see Lowerer.cached_load) instead of once per inner iteration."""
+    lw.memo[-1][("__cache__", tensor)] = lw.cache_mark(env)
 
 
 def _reads(job: Job, tensor: str) -> list[Load]:
@@ -2443,21 +2709,34 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
         ext = dict(e.ext)
         ext.update({f: lw.ext_of(job, f, e), part: nom[part], g: span})
         keep, lw.keep = lw.keep, len(lw.memo) - 1
+        streams, lw.streams = lw.streams, lw.streams or 1
         try:
             return lw.virtual(producer, rd, f, (g,), e, ext, home=lw.keep, depth=lw.keep), ext
         finally:
-            lw.keep = keep
+            lw.keep, lw.streams = keep, streams
 
     def transposes(T, ext, e):
         unroll = n_rows <= 16   # few slots: their PSUM copies alternate act / dve
         k = [0]
 
-        def each(e2, j=0):
+        def each(e2, j=0, engine=None):
             if j < len(row_slots):
                 u = row_slots[j]
                 if unroll:
                     for c in range(nom[u]):
                         each(e2.bind(u, Lin(c), **{u: 1}), j + 1)
+                elif j == len(row_slots) - 1 and nom[u] >= 4 and nom[u] % 2 == 0:
+                    # many slots (a long row): a loop over pairs whose copies alternate
+                    # act / dve (one engine alone would bound the transposes)
+                    v2 = lw.fresh(f"{u}2")
+
+                    def pair():
+                        for c, eng in enumerate(("act", "dve")):
+                            e3 = Env(dict(e2.lin), {**e2.ext, u: 1}, e2.loops + (v2,),
+                                     {**e2.pipe, v2: 2})
+                            e3.lin[u] = Lin.var(v2).scale(2) + c
+                            each(e3, j + 1, eng)
+                    lw.loop(v2, nom[u] // 2, pair)
                 else:
                     lw.bind_loop(job, u, e2, lambda e3: each(e3, j + 1))
                 return
@@ -2466,7 +2745,7 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
                 b = b + e2.lin[u].scale(ix.coef(u) * T.strides[0] * ITEMSIZE[T.dtype])
             nat = Val("sbuf", b, (part,), T.strides, T.dtype, T.name)
             lw.transpose_into(nat, slot_val(e2), part, f, ext, e2,
-                              ("act", "dve")[k[0] % 2] if unroll else "act")
+                              engine or (("act", "dve")[k[0] % 2] if unroll else "act"))
             k[0] += 1
         each(e)
 
@@ -2497,13 +2776,17 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
             lw.body.append([])
             lw.memo.append({})
             first = len(lw.buffers)
-            T, ext = rows(e)
+            lw.streams = n_out
+            try:
+                T, ext = rows(e)
+            finally:
+                lw.streams = 0
             live = {x[3] for x in lw.live}
             lw.live += [(b.mem, b.offset, b.size, b.name, level) for b in lw.buffers[first:]
-                        if b.name not in live]
+                        if b.name not in live and b.name not in lw.outside]
             done.append((lw.body.pop(), T, ext, e))
             lw.memo.pop()
-        lw.body[-1].extend(_interleave([b for b, *_ in done]))
+        lw.body[-1].extend(_interleave([b for b, *_ in done], lw.spec))
         rows_t = {T.name for _, T, *_ in done}    # after the streams, only the rows are read
         lw.live[:] = [x for x in lw.live if x[4] < level or x[3] in rows_t]
         lw.memo.append({})
@@ -2517,17 +2800,52 @@ def _transposed_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, part: str
     return True
 
 
-def _interleave(streams: list) -> list:
-    """Round-robin merge of independent instruction streams (each keeps its order)."""
-    out, its = [], [iter(s) for s in streams]
-    while its:
-        for it in list(its):
-            x = next(it, None)
-            if x is None:
-                its.remove(it)
-            else:
-                out.append(x)
-    return out
+def _interleave(streams: list, spec) -> list:
+    """Merge independent instruction streams, each keeping its order, by list scheduling on
+    in-order engines: the next node is, of the streams' next ones, the one that could start
+    first (its engine free and the buffers it reads written, from the timing model's issue
+    intervals and latencies; ties go to the first stream, which so runs ahead and reaches
+    the later engines first). One stream's steps on one engine then overlap another's on a
+    different engine, where a round-robin merge queues every stream's first step on an
+    engine before any stream's second step can start."""
+    free: dict = {}                 # engine -> time it is free
+    ready: dict = {}                # buffer -> time its last write lands
+    pos, out = [0] * len(streams), []
+
+    def costs(x, mult=1):
+        """[(engine, busy ps, latency ps, reads, writes)] of a node (a loop: its body x trips)."""
+        if isinstance(x, isa.Loop):
+            return [c for y in x.body for c in costs(y, mult * x.extent)]
+        c = instr_cost(x, spec)
+        eng = "dma" if c.is_dma else x.engine
+        return [(eng, c.ii_ps * mult, c.lat_ps, {a.name for a in x.srcs},
+                 {a.name for a in (x.dst, x.dst2) if a is not None})]
+
+    def start(cs):
+        return max([free.get(e, 0) for e, *_ in cs if e != "dma"]
+                   + [ready.get(b, 0) for *_, rd, _ in cs for b in rd] + [0])
+
+    while True:
+        best = None
+        for s in range(len(streams)):
+            if pos[s] < len(streams[s]):
+                cs = costs(streams[s][pos[s]])
+                t = start(cs)
+                if best is None or t < best[0]:
+                    best = (t, s, cs)
+        if best is None:
+            return out
+        t, s, cs = best
+        out.append(streams[s][pos[s]])
+        pos[s] += 1
+        end = {}
+        for e, ii, lat, _, wr in cs:        # a loop's instructions run back to back per engine
+            end[e] = end.get(e, max(t, free.get(e, 0) if e != "dma" else t)) + ii
+            for b in wr:
+                ready[b] = max(ready.get(b, 0), end[e] + lat)
+        for e, x in end.items():
+            if e != "dma":
+                free[e] = x
 
 
 def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot_elems: int,

@@ -1014,8 +1014,12 @@ class Schedule:
                                   "(PSUM holds matmul results)")
         if tensor not in self.prog.tensors:
             raise TensorlangError(f"cache_read: no tensor {tensor!r}")
-        if not any(ld.tensor == tensor for ld in self.prog.stage(cs.stage).reads()):
-            raise TensorlangError(f"cache_read: stage {cs.stage!r} does not read {tensor!r}")
+        # the consumer, or a stage computed at it (its tiles then read the cached copy)
+        readers = [cs.stage] + [ss.stage for ss in self.state.stages
+                                if ss.attach and ss.attach[0] == cs.stage]
+        if not any(ld.tensor == tensor for r in readers for ld in self.prog.stage(r).reads()):
+            raise TensorlangError(f"cache_read: stage {cs.stage!r} does not read {tensor!r} "
+                                  "(nor does a stage computed at it)")
         if name in cs.tile_vars():
             raise TensorlangError(f"cache_read of {tensor!r}: {cs.stage}.{name} is a tile loop")
         crs = tuple(c for c in self.state.cache_reads if not (c.tensor == tensor and c.stage == cs.stage))

@@ -151,6 +151,56 @@ def test_attention(shape, causal):
     assert k.choice.source == "template flash"          # P never goes to HBM
 
 
+@pytest.mark.parametrize("shape,causal", [((1, 128, 4096, 64), True), ((1, 128, 4096, 64), False),
+                                          ((2, 256, 2600, 32), True), ((1, 128, 3072, 128), False)])
+def test_attention_long_sequences_stay_fused(shape, causal):
+    """Key rows longer than PSUM holds (Sk > 2048) stay in the flash template: the scores
+    go through PSUM one bank of keys at a time (the causal logits straight from the bank)
+    into a row in SBUF; nothing but O is written to HBM."""
+    H, Sq, Sk, D = shape
+    Q, K, V = R((H, Sq, D)), R((H, Sk, D), seed=1), R((H, Sk, D), seed=2)
+    k = kernels.attention.compile(Q, K, V, causal=causal, use_records=False)
+    assert k.choice.source == "template flash"
+    assert_close(k.run(Q, K, V), attention_ref(Q, K, V, causal), "bfloat16", what=f"attention {shape}")
+    assert k.simulate().bytes_moved["hbm_write"] == Q.nbytes
+
+
+def test_attention_cache_read_of_keys_read_by_the_scores():
+    """K is read only by the scores S, computed inside O's query-tile loop: a cache_read of K
+    at O's head loop loads each head's K^T once, before its query tiles (same values, K read
+    from HBM once instead of once per query tile); refused while no stage at O reads K."""
+    H, Sq, D = 2, 384, 32
+    Q, K, V = R((H, Sq, D)), R((H, Sq, D), seed=1), R((H, Sq, D), seed=2)
+    prog = kernels.attention.trace(Q, K, V, causal=True)
+
+    def build(cache):
+        s = prog.schedule()
+        h, i, e = s.axes("O")
+        (j,) = s.reduce_axes("O")
+        io, ii = s.split(i, 128)
+        jo, ji = s.split(j, 128)
+        s.reorder(h, io, jo, ii, e, ji)
+        s.partition(ii)
+        s.vectorize(e)
+        s.tensorize(ji, "matmul")
+        if cache:
+            with pytest.raises(tl.TensorlangError, match="does not read 'K'"):
+                s.cache_read("K", "sbuf", h)
+        for st in reversed([x.name for x in prog.stages if x.name != "O"]):
+            s.compute_at(st, io)
+        if cache:
+            s.cache_read("K", "sbuf", h)
+        (d,) = s.reduce_axes("S")
+        s.tensorize(d, "matmul")
+        return s.build()
+    reads = []
+    for cache in (False, True):
+        k = build(cache)
+        assert_close(k.run(Q, K, V), attention_ref(Q, K, V, True), "bfloat16", what=f"cache {cache}")
+        reads.append(k.simulate().bytes_moved["hbm_read"])
+    assert reads[0] - reads[1] == 2 * K.nbytes       # 3 query tiles per head read K once
+
+
 # -- elementwise / reductions ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
