@@ -132,6 +132,7 @@ MODEL_SHAPES = [
     ("Llama-7B rmsnorm (seq 4096)", "rmsnorm", (4096, 4096)),
     ("BERT-large layernorm (batch 8, seq 512)", "layernorm", (4096, 1024)),
     ("Llama-7B SwiGLU (seq 2048)", "swiglu", (2048, 11008)),
+    ("BERT-large FFN up + GELU (batch 8, seq 512)", "linear", (4096, 4096, 1024)),
     ("Llama-7B log-softmax (seq 4096, one head)", "log_softmax", (4096, 4096)),
     ("GPT-2 FFN GELU (seq 4096)", "gelu", (4096, 3072)),
     ("Llama-7B hidden transpose (seq 4096)", "transpose", (4096, 4096)),
