@@ -85,6 +85,7 @@ depthwise_algo.name = "depthwise_conv2d"
 # -- schedules ----------------------------------------------------------------------------------
 
 DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 2, "wt_kib": 48}
+DW_DEFAULT = {"free": 512, "pipe": 2, "plane_kib": 32}
 
 
 def _even(n: int, want: int) -> int:
@@ -147,8 +148,26 @@ def simple(s, cfg):
 
 
 def depthwise_template(s, cfg):
-    """Channels on the partitions, output pixels on the free axis, taps accumulated."""
+    """Channels on the partitions, output pixels on the free axis, taps accumulated. When a
+    channel tile's output plane fits `plane_kib` per partition the tile is the whole plane:
+    its input plane (with the zero border, set on chip) is loaded once per tile and every tap
+    is one accumulating pass over a shifted window of it; the weights load once per tile."""
     n, c, h, w = s.axes("Y")
+    kh, kw = s.reduce_axes("Y")
+    if ext(s, h) * ext(s, w) * 4 <= cfg["plane_kib"] * 1024:
+        co, ci = s.split(c, _even(ext(s, c), 128))      # equal tiles: no tail, one box each
+        s.reorder(n, co, kh, kw, ci, h, w)
+        s.partition(ci)
+        s.vectorize(h)
+        s.vectorize(w)
+        for tap in (kh, kw):   # loops (depth 1: one slot), never a vectorized reduction
+            s.pipeline(tap, 1)
+        tiles = s.fuse(n, co) if ext(s, n) > 1 else co
+        s.cache_read("X", "sbuf", tiles)
+        s.cache_read("Wt", "sbuf", tiles)
+        if cfg["pipe"] > 1 and ext(s, tiles) > 1:
+            s.pipeline(tiles, cfg["pipe"])
+        return
     co, ci = s.split(c, fit(ext(s, c), 128))
     outer, free = _spatial_free(s, "Y", h, w, cfg["free"] * 4)
     s.reorder(n, co, *outer, ci, *free)
@@ -161,5 +180,5 @@ conv2d = KernelFn("conv2d", conv2d_algo, (("expert", template, DEFAULT),
                                           ("simple", simple, DEFAULT)),
                   "2-D convolution (NCHW, OIHW weights) as an implicit GEMM")
 depthwise_conv2d = KernelFn("depthwise_conv2d", depthwise_algo,
-                            (("expert", depthwise_template, DEFAULT),),
+                            (("expert", depthwise_template, DW_DEFAULT),),
                             "depthwise 2-D convolution (NCHW, [C,KH,KW] weights)")

@@ -33,7 +33,7 @@ import numpy as np
 
 import sim
 from sim import isa
-from sim.timing import instr_cost, partition_block
+from sim.timing import contiguous_runs, instr_cost, partition_block
 
 from .dtypes import np_dtype
 from .ir import (ITEMSIZE, REDUCE_IDENTITY, Affine, Binary, Cast, Compare, Const, Expr,
@@ -422,6 +422,9 @@ class Lowerer:
         self.resident: set = set()       # PSUM buffers holding broadcast vectors
         self.prologue: set = set()       # scratch buffers used only before the job's loops
         self.psum_peak = 0                # PSUM the rest of the program needs at once
+        self.pads: dict = {}              # padded copy -> (source, value, shape, lo)
+        self.hbm_reads: set = set()       # HBM tensors some DMA has read
+        self.unfilled: set = set()        # padded copies nothing reads from HBM (not filled)
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
             self.prior, self.proj = prior[0], dict(prior[1])
@@ -557,6 +560,8 @@ class Lowerer:
 
     def dma(self, dst: isa.AP, src: isa.AP):
         """One whole-tile DMA; `assign_queues` splits it over the DMA queues at the end."""
+        if src.mem == "hbm":
+            self.hbm_reads.add(src.name)
         self.emit(isa.Instr.make("dma", "q0", dst, (src,)))
 
     # -- values -----------------------------------------------------------------------------
@@ -1558,6 +1563,8 @@ class Lowerer:
         acc_ap = self.ap(self.acc_val(job, env), P, job.free, ext)
         if not job.free and job.red_free and self.row_reduce(job, env, ext, dims, P, acc_ap, attrs):
             return
+        if self.scaled_acc(job, env, ext, P, acc_ap, attrs):
+            return
         v = self.eval(job, job.value, env, ext, dims)
         if isinstance(v, float):
             v = self.const_tile(v, P, env)
@@ -1612,6 +1619,81 @@ class Lowerer:
                 self.emit_balanced(isa.Instr.make("tensor_reduce", "dve", acc_ap, (dst2,),
                                                   op="add", **attrs))
         return True
+
+    def scaled_acc(self, job: Job, env: Env, ext, P, acc_ap, attrs) -> bool:
+        """A sum of x * s, s per-partition ([P,1], e.g. a depthwise convolution's tap weight),
+        over reduction loops: one accumulating pass per iteration instead of a product tile
+        and a reduce -- an activation with the scale operand on act, a tensor_tensor with s
+        broadcast along the free axes on dve / pool. The tile is cut into pieces over those
+        engines in proportion to their rates (see scaled_acc_plan), the same cut in every
+        iteration, so each engine accumulates its own part. False: not that shape."""
+        e, dims = job.value, list(job.free)
+        if job.reduce != "add" or job.red_free or not isinstance(e, Binary) or e.op != "mul":
+            return False
+        sa, sb = self.scalar_valued(e.a, dims), self.scalar_valued(e.b, dims)
+        if sa == sb or not isinstance(e.b if sa else e.a, Load):
+            return False
+        s = self.eval(job, e.a if sa else e.b, env, ext, dims)
+        if not isinstance(s, Val) or not self.scalar_ok(s):
+            return False
+        x = self.eval(job, e.b if sa else e.a, env, ext, dims)
+        if not isinstance(x, Val) or x.deps != tuple(dims):
+            return False
+        xa, sap = self.ap(x, P, dims, ext), self.ap(s, P, [], ext)
+
+        def on(eng, d, xs):
+            if eng == "act":
+                return isa.Instr.make("activation", "act", d, (xs, sap), func="copy",
+                                      scale="ap", bias=0.0, **attrs)
+            bc = dataclasses.replace(sap, dims=(sap.dims[0],) + tuple((0, n) for _, n in
+                                                                      d.dims[1:]))
+            return isa.Instr.make("tensor_tensor", eng, d, (xs, bc), op="mul", **attrs)
+        for eng, d, xs in self.scaled_acc_plan(acc_ap, xa, on):
+            self.emit(on(eng, d, xs))
+        return True
+
+    def scaled_acc_plan(self, dst: isa.AP, src: isa.AP, on) -> list:
+        """[(engine, dst piece, src piece)]: `dst` (contiguous, <= 2 free dims) cut in flat
+        element ranges on dependency-granule boundaries (no false waits between engines),
+        one range per engine sized by its issue rate for the whole tile (`on(engine, dst,
+        src)` builds the instruction); a range over rows is up to three rectangles."""
+        engines = [e for e in COMPUTE_ENGINES
+                   if e == "act" or e in self.engines_for(on("dve", dst, src))]
+        free = dst.dims[1:]
+        R, C = (1, free[0][1]) if len(free) == 1 else (free[0][1], free[1][1])
+        if len(free) > 2 or free[-1][0] != 1 or (len(free) == 2 and free[0][0] != C):
+            return [("act", dst, src)]
+        rate = {e: 1.0 / instr_cost(on(e, dst, src), self.spec).ii_ps for e in engines}
+        E, size = R * C, dst.itemsize
+        gran = self.spec.dep_granule_bytes
+        base = dst.offset.base
+        cuts, acc = [0], 0.0
+        for e in engines[:-1]:
+            acc += rate[e] / sum(rate.values())
+            want = base + round(E * acc) * size        # nearest granule boundary
+            at = (round(want / gran) * gran - base) // size
+            cuts.append(min(E, max(cuts[-1], at)))
+        cuts.append(E)
+
+        def piece(ap, r0, nr, c0, nc):
+            if len(free) == 1:
+                return _slice_ap(ap, 1, c0, nc)
+            return _slice_ap(_slice_ap(ap, 1, r0, nr), 2, c0, nc)
+        out = []
+        for e, a, b in zip(engines, cuts, cuts[1:]):
+            rects = []
+            r, c = divmod(a, C)
+            if c and a < b:
+                n = min(C - c, b - a)
+                rects.append((r, 1, c, n))
+                a, r = a + n, r + 1
+            if b - a >= C:
+                rects.append((r, (b - a) // C, 0, C))
+                r, a = r + (b - a) // C, a + (b - a) // C * C
+            if a < b:
+                rects.append((r, 1, 0, b - a))
+            out += [(e, piece(dst, *x), piece(src, *x)) for x in rects]
+        return out
 
     def emit_matmul(self, job: Job, env: Env, ext, acc_mode, reset):
         st_ld, mv_ld = job.ops
@@ -1831,7 +1913,7 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
         tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "output"))
     attached = {sched.prog.stage(ss.stage).tensor for ss in sched.state.stages if ss.attach}
     for t in prog.temps:
-        if t.name not in attached:
+        if t.name not in attached and t.name not in lw.unfilled:
             tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "scratch"))
     body = assign_queues(tuple(lw.body[0]), spec)
     out = isa.Program(prog.name, tuple(tensors), body, tuple(lw.buffers))
@@ -1842,6 +1924,7 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
 def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
     """Lower every root stage (its attached producers inside) into a fresh Lowerer."""
     lw = Lowerer(prog, sched, spec, prior)
+    lw.pads = {name: (t, v, shape, lo) for t, v, name, shape, lo in pads}
     pad_by_src = {}
     for t, v, name, shape, lo in pads:
         pad_by_src.setdefault(t, []).append((v, name, shape, lo))
@@ -1852,9 +1935,11 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
             continue
         inside = [p for p in prog.stages   # stages computed inside this one read from HBM too
                   if sched.state.get(p.name).attach and sched.state.get(p.name).attach[0] == st.name]
+        fills = {}              # pad copy -> (body, buffers) before its fill
         for ld in [ld for x in (st, *inside) for ld in x.reads()]:
             for t, v, name, shape, lo in pads:
                 if ld.tensor == name and name not in filled:
+                    fills[name] = (len(lw.body[-1]), len(lw.buffers))
                     fill_padded(lw, t, v, name, shape, lo)
                     filled.add(name)
         job = make_job(lw, st, ss, None)
@@ -1863,12 +1948,23 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
         with lw.level():
             lw.run_job(job, Env({}, {}))
         job.hooks.clear()       # its closures refer to the job: break the cycle (else: GC)
+        for name, (at, nbuf) in reversed(fills.items()):
+            if name not in lw.hbm_reads:  # padded on chip (see _pad_on_chip): no HBM copy
+                fill = lw.body[-1][at:]
+                n_fill = next(k for k, i in enumerate(fill) if isinstance(i, isa.Instr)
+                              and i.op == "dma" and i.dst.mem == "hbm" and i.srcs[0].mem == "hbm")
+                del lw.body[-1][at:at + n_fill + 1]
+                bufs = {i.dst.name for i in fill[:n_fill] if isinstance(i, isa.Instr)}
+                lw.buffers[nbuf:] = [b for b in lw.buffers[nbuf:] if b.name not in bufs]
+                filled.discard(name)
+                lw.unfilled.add(name)
     return lw
 
 
 def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     """Split every DMA over the DMA queues. Loads and stores (DMAs writing HBM) get their own
-    pools of queues, sized by the bytes each kind moves over the whole program: queues are
+    pools of queues, sized by the queue time each kind takes over the whole program (bytes
+    plus the per-chunk overhead: a padded or strided side costs more per byte): queues are
     in-order, so a load queued behind a store (which waits for its tile to be computed) would
     stall the compute that needs it. Each transfer is cut along its first dimension into up
     to one piece per queue of its pool (pieces of at least DMA_PIECE_BYTES), assigned round
@@ -1883,7 +1979,9 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
             mult = 1
             for lp in loops:
                 mult *= lp.extent
-            moved[ins.dst.mem == "hbm"] += mult * ins.dst.num_elements * ITEMSIZE[ins.dst.dtype]
+            runs = max(contiguous_runs(ins.dst), contiguous_runs(ins.srcs[0]))
+            moved[ins.dst.mem == "hbm"] += mult * (ins.dst.num_elements * ITEMSIZE[ins.dst.dtype]
+                                                   + runs * spec.dma_chunk_overhead_bytes)
     if n < 2 or not moved[False] or not moved[True]:
         pools = {False: (0, n), True: (0, n)}
     else:
@@ -1996,7 +2094,8 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
     (cache_read) or by evaluating the producer there (compute_at)."""
     k = job.loops.index(at) + 1
     inner = job.loops[k:]
-    for ld in _reads(job, tensor):
+    padded = [n for n, p in lw.pads.items() if p[0] == tensor]   # X.pad(v)[...] reads X_pad
+    for ld in _reads(job, tensor) + [ld for n in padded for ld in _reads(job, n)]:
         if job.contract:
             a, b = job.ops
             if ld == a:
@@ -2357,8 +2456,9 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
         elems *= n
     t = lw.tensors[ld.tensor]
     size = elems * ITEMSIZE[t.dtype]
-    if elems >= slot_elems or size > lw.spec.sbuf_partition_bytes // 4:
-        return False
+    if elems > slot_elems or (elems == slot_elems and deps) \
+            or size > lw.spec.sbuf_partition_bytes // 4:
+        return False        # (a box as big as its slots: one load instead of one per slot)
     bstride, n = {}, 1
     for d, e in reversed(box):
         bstride[d] = n
@@ -2368,7 +2468,10 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
     ext = dict(env.ext)
     for a in (part, *deps):
         ext[a] = nom[a]
-    if producer is None:
+    if producer is None and _pad_on_chip(lw, ld, inner, dp[0], nom[part], box, bstride, base,
+                                         bname, env):
+        pass
+    elif producer is None:
         fl = lw.flat(ld.tensor, ld.index)
         off = lw.split_affine(Affine(tuple((v, c) for v, c in fl.terms if v not in inner),
                                      fl.const), env)
@@ -2401,6 +2504,80 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
     for u in slots:   # the consumer's loops over the slots bind these (extent 1: a constant)
         key_env = key_env.bind(u, Lin.var(u) if lw.nominal(job, u, env) > 1 else Lin(0))
     lw.memo[-1][lw.operand_key(ld, part, deps, key_env, ext)] = view
+    return True
+
+
+def _pad_on_chip(lw: Lowerer, ld: Load, inner, dp: int, P: int, box, bstride, base, bname,
+                 env: Env) -> bool:
+    """The box of a zero-padded read (`ld` reads the padded copy of a tensor, see
+    pad_tensors) filled on chip: the part of the box inside the source tensor by one DMA from
+    the source, the border by memsets of the pad value; the padded copy in HBM is then never
+    needed. Only when the box sits at a fixed place in every padded dimension (a whole padded
+    plane per tile) and the other dimensions are not padded. False: nothing emitted."""
+    pad = lw.pads.get(ld.tensor)
+    if pad is None:
+        return False
+    src, value, _, lo = pad
+    sshape = lw.tensors[src].shape
+    dtype = lw.tensors[src].dtype
+    where = dict(box)
+    outer = [Affine(tuple((v, c) for v, c in ix.terms if v not in inner), ix.const)
+             for ix in ld.index]
+    span = {}                              # box dim -> (box start, interior start, end)
+    for d, o in enumerate(outer):
+        if d in where:
+            if o.terms:
+                return False
+            a = max(o.const, lo[d])
+            b = min(o.const + where[d], lo[d] + sshape[d])
+            span[d] = (o.const, a, b)
+        elif lo[d] or lw.tensors[ld.tensor].shape[d] != sshape[d]:
+            return False
+    size = ITEMSIZE[dtype]
+
+    def region(lims, at=base):             # SBUF AP of the box region {d: (start, stop)}
+        off = at + sum((lims[d][0] - span[d][0]) * bstride[d] for d in span) * size
+        return isa.AP("sbuf", bname, dtype, off.addr(),
+                      ((1, P),) + tuple((bstride[d], lims[d][1] - lims[d][0]) for d, _ in box))
+    # the border never changes (only this fill writes the box, the DMA only its interior):
+    # set it before the enclosing loops, once per buffer slot, when the box sits at fixed
+    # slots (else here, where a compute engine would take it after the last tile's work)
+    outside = len(lw.body) - 1 - len(env.loops)
+    slots = [()]
+    if env.loops and outside >= 0 and all(m for _, _, m in base.terms):
+        for v, c, m in base.terms:
+            slots = [x + (c * k,) for x in slots for k in range(m)]
+    else:
+        outside = None
+    # the border: for each box dim, the slabs before and after the interior, inside the
+    # interior along the earlier dims and whole along the later ones
+    order = [d for d, _ in box]
+    for k, d in enumerate(order):
+        o, a, b = span[d]
+        for lo_, hi_ in ((o, min(a, o + where[d])), (max(b, o), o + where[d])):
+            if hi_ <= lo_:
+                continue
+            lims = {e: (span[e][1], span[e][2]) if i < k else (span[e][0], span[e][0] + where[e])
+                    for i, e in enumerate(order)}
+            lims[d] = (lo_, hi_)
+            if not all(lims[e][1] > lims[e][0] for e in order):
+                continue
+            if outside is None:
+                lw.emit_balanced(isa.Instr.make("memset", "pool", region(lims), value=value))
+                continue
+            for x in slots:
+                lw.body[outside].append(isa.Instr.make(
+                    "memset", "pool", region(lims, Lin(base.const + sum(x))), value=value))
+    if all(span[d][2] > span[d][1] for d in order):
+        sstride = _strides(sshape)
+        terms = tuple((v, c * sstride[d]) for d, o in enumerate(outer) if d not in where
+                      for v, c in o.terms)
+        const = sum((span[d][1] - lo[d] if d in where else outer[d].const - lo[d]) * sstride[d]
+                    for d in range(len(sshape)))
+        off = lw.split_affine(Affine(terms, const), env)
+        lw.dma(region({d: (span[d][1], span[d][2]) for d in order}),
+               isa.AP("hbm", src, dtype, off.addr(), ((sstride[dp], P),) +
+                      tuple((sstride[d], span[d][2] - span[d][1]) for d in order)))
     return True
 
 

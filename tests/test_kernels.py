@@ -105,6 +105,29 @@ def test_conv2d_and_depthwise(xs, ws, stride, padding, dilation):
     check(kernels.depthwise_conv2d, (X, Wd), ref, "bfloat16", **st)
 
 
+DEPTHWISE = [((1, 256, 24, 24), 3, 1, 1, 1, "bfloat16"), ((2, 160, 9, 11), 3, 2, 1, 1, "bfloat16"),
+             ((1, 128, 10, 10), 5, 1, 2, 1, "float32"), ((2, 64, 8, 8), 3, 1, 0, 1, "bfloat16"),
+             ((1, 96, 11, 9), 3, 1, 2, 2, "bfloat16"), ((1, 128, 7, 7), 5, 2, 3, 1, "bfloat16"),
+             ((2, 128, 23, 25), 5, 1, 2, 1, "float32"), ((1, 64, 40, 30), 3, 2, 1, 1, "bfloat16")]
+
+
+@pytest.mark.parametrize("xs,k,stride,padding,dilation,dtype", DEPTHWISE)
+def test_depthwise_planes(xs, k, stride, padding, dilation, dtype):
+    """The whole-plane template: the padded plane on chip, one pass per tap split over the
+    engines; several channel tiles, batches, strides, paddings (also wider than the taps
+    reach) and dtypes."""
+    X, Wd = R(xs, dtype), R((xs[1], k, k), dtype, seed=2)
+    st = dict(stride=stride, padding=padding, dilation=dilation)
+    ref = np.concatenate([conv_ref(X[:, c:c + 1], Wd[c][None, None], **st)
+                          for c in range(xs[1])], 1)
+    kc = check(kernels.depthwise_conv2d, (X, Wd), ref, dtype, **st)
+    asm = kc.asm()
+    assert "X_pad" not in asm.split("loop")[0].split("buffer")[0]   # no padded copy in HBM
+    oh, ow = ref.shape[2:]
+    if oh * ow >= 512:                   # smaller planes vectorize the taps (complete())
+        assert "tensor_reduce" not in asm                            # one pass per tap
+
+
 # -- norms -----------------------------------------------------------------------------------------
 
 def rms(x, g):
