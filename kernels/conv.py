@@ -163,8 +163,8 @@ def depthwise_template(s, cfg):
         for tap in (kh, kw):   # loops (depth 1: one slot), never a vectorized reduction
             s.pipeline(tap, 1)
         tiles = s.fuse(n, co) if ext(s, n) > 1 else co
+        s.cache_read("Wt", "sbuf", tiles)      # first: not queued behind the plane's load
         s.cache_read("X", "sbuf", tiles)
-        s.cache_read("Wt", "sbuf", tiles)
         if cfg["pipe"] > 1 and ext(s, tiles) > 1:
             s.pipeline(tiles, cfg["pipe"])
         return

@@ -423,6 +423,8 @@ class Lowerer:
         self.prologue: set = set()       # scratch buffers used only before the job's loops
         self.psum_peak = 0                # PSUM the rest of the program needs at once
         self.pads: dict = {}              # padded copy -> (source, value, shape, lo)
+        self.diag_acc: dict = {}          # acc tile -> tensor-engine part (see diag_rows)
+        self.diag_out: dict = {}          # acc tile -> copies of that part out of PSUM
         self.hbm_reads: set = set()       # HBM tensors some DMA has read
         self.unfilled: set = set()        # padded copies nothing reads from HBM (not filled)
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
@@ -782,6 +784,9 @@ class Lowerer:
         ext = self.tile_ext(job, env, spatial_only=True)
         P = ext[job.part]
         acc = self.acc_val(job, env)
+        if self.diag_out and acc.mem == "sbuf":      # the tensor engine's rows (diag_rows)
+            for ins in self.diag_out.pop((acc.name, self.ap(acc, P, job.free, ext).offset), ()):
+                self.emit(ins)
         if job.reduce is not None and job.init is not None:
             iv = self.eval(job, job.init, env, ext, job.free)
             out = self.binary(job.reduce, iv, acc, env, ext, job.free, P,
@@ -1624,8 +1629,9 @@ class Lowerer:
         """A sum of x * s, s per-partition ([P,1], e.g. a depthwise convolution's tap weight),
         over reduction loops: one accumulating pass per iteration instead of a product tile
         and a reduce -- an activation with the scale operand on act, a tensor_tensor with s
-        broadcast along the free axes on dve / pool. The tile is cut into pieces over those
-        engines in proportion to their rates (see scaled_acc_plan), the same cut in every
+        broadcast along the free axes on dve / pool, and on the tensor engine a matmul with
+        the diagonal matrix diag(s) accumulating in PSUM (see diag_rows). The tile is cut
+        into pieces over the engines in proportion to their rates, the same cut in every
         iteration, so each engine accumulates its own part. False: not that shape."""
         e, dims = job.value, list(job.free)
         if job.reduce != "add" or job.red_free or not isinstance(e, Binary) or e.op != "mul":
@@ -1648,52 +1654,115 @@ class Lowerer:
             bc = dataclasses.replace(sap, dims=(sap.dims[0],) + tuple((0, n) for _, n in
                                                                       d.dims[1:]))
             return isa.Instr.make("tensor_tensor", eng, d, (xs, bc), op="mul", **attrs)
-        for eng, d, xs in self.scaled_acc_plan(acc_ap, xa, on):
-            self.emit(on(eng, d, xs))
-        return True
-
-    def scaled_acc_plan(self, dst: isa.AP, src: isa.AP, on) -> list:
-        """[(engine, dst piece, src piece)]: `dst` (contiguous, <= 2 free dims) cut in flat
-        element ranges on dependency-granule boundaries (no false waits between engines),
-        one range per engine sized by its issue rate for the whole tile (`on(engine, dst,
-        src)` builds the instruction); a range over rows is up to three rectangles."""
-        engines = [e for e in COMPUTE_ENGINES
-                   if e == "act" or e in self.engines_for(on("dve", dst, src))]
-        free = dst.dims[1:]
+        free = acc_ap.dims[1:]
         R, C = (1, free[0][1]) if len(free) == 1 else (free[0][1], free[1][1])
         if len(free) > 2 or free[-1][0] != 1 or (len(free) == 2 and free[0][0] != C):
-            return [("act", dst, src)]
-        rate = {e: 1.0 / instr_cost(on(e, dst, src), self.spec).ii_ps for e in engines}
-        E, size = R * C, dst.itemsize
-        gran = self.spec.dep_granule_bytes
-        base = dst.offset.base
-        cuts, acc = [0], 0.0
+            self.emit(on("act", acc_ap, xa))
+            return True
+        engines = [e for e in COMPUTE_ENGINES
+                   if e == "act" or e in self.engines_for(on("dve", acc_ap, xa))]
+        t = {e: instr_cost(on(e, acc_ap, xa), self.spec).ii_ps / (R * C) for e in engines}
+        base = {e: 0.0 for e in engines}
+        rows = self.diag_rows(job, env, P, acc_ap, xa, s, attrs, t, base, R, C)
+        E, a0 = R * C, rows * C
+        # the rest over the vector engines: all finish a pass together (act may also move the
+        # tensor engine's rows out of PSUM once per tile: its `base`)
+        T = (E - a0 + sum(base[e] / t[e] for e in engines)) / sum(1 / t[e] for e in engines)
+        gran, size, off = self.spec.dep_granule_bytes, acc_ap.itemsize, acc_ap.offset.base
+        cuts, want = [a0], float(a0)
         for e in engines[:-1]:
-            acc += rate[e] / sum(rate.values())
-            want = base + round(E * acc) * size        # nearest granule boundary
-            at = (round(want / gran) * gran - base) // size
+            want += max(0.0, (T - base[e]) / t[e])
+            at = (round((off + want * size) / gran) * gran - off) // size   # granule boundary
             cuts.append(min(E, max(cuts[-1], at)))
         cuts.append(E)
+        for eng, a, b in zip(engines, cuts, cuts[1:]):
+            for r0, nr, c0, nc in _flat_rects(a, b, C):
+                self.emit(on(eng, _rect_ap(acc_ap, r0, nr, c0, nc), _rect_ap(xa, r0, nr, c0, nc)))
+        return True
 
-        def piece(ap, r0, nr, c0, nc):
-            if len(free) == 1:
-                return _slice_ap(ap, 1, c0, nc)
-            return _slice_ap(_slice_ap(ap, 1, r0, nr), 2, c0, nc)
-        out = []
-        for e, a, b in zip(engines, cuts, cuts[1:]):
-            rects = []
-            r, c = divmod(a, C)
-            if c and a < b:
-                n = min(C - c, b - a)
-                rects.append((r, 1, c, n))
-                a, r = a + n, r + 1
-            if b - a >= C:
-                rects.append((r, (b - a) // C, 0, C))
-                r, a = r + (b - a) // C, a + (b - a) // C * C
-            if a < b:
-                rects.append((r, 1, 0, b - a))
-            out += [(e, piece(dst, *x), piece(src, *x)) for x in rects]
-        return out
+    def diag_rows(self, job: Job, env: Env, P, acc_ap, xa, s: Val, attrs, t, base, R, C) -> int:
+        """The first rows of a scaled_acc tile on the tensor engine: per iteration, diag(s)
+        (iota == 0 times s: one tensor_scalar into a per-tap slot) as the stationary
+        operand and the window rows as the moving one, accumulating in PSUM banks allocated
+        at the acc level; store_tile copies them into the acc tile (act) before the store.
+        Rows in proportion to the rates (`t`: ps per element per pass; the copy goes into
+        `base`). 0 when the tensor engine cannot take them (dtypes, widths, PSUM room)."""
+        spec = self.spec
+        red = [u for u in job.loops[job.acc_level:] if job.kind[u] == "reduce"]
+        dt = xa.dtype
+        level = next((x[4] for x in self.live if x[3] == acc_ap.name), None)
+        rows_mm = min(spec.matmul_max_n, spec.psum_bank_bytes // 4) // C
+        if (not red or level is None or dt not in spec.pe_rate or s.dtype != dt or rows_mm < 1
+                or P > min(spec.pe_rows, spec.pe_cols) or acc_ap.mem != "sbuf"
+                or any(ss.tensorized for ss in self.sched.state.stages)):
+            return 0
+        nom = {u: self.nominal(job, u, env) for u in red}
+        nt = math.prod(nom.values())
+        key = (acc_ap.name, acc_ap.offset)
+        st = self.diag_acc.get(key)
+        if st is None:
+            mm_rows = min(rows_mm, R)
+            probe = isa.Instr.make("matmul", "pe", isa.AP("psum", "", "float32", isa.Addr(0),
+                                                         ((1, P), (1, mm_rows * C))),
+                                   (isa.AP("sbuf", "", dt, isa.Addr(0), ((1, P), (1, P))),
+                                    _rect_ap(xa, 0, mm_rows, 0, C)))
+            t_pe = instr_cost(probe, spec).ii_ps / (mm_rows * C)
+            cp = isa.Instr.make("tensor_copy", "act", _rect_ap(acc_ap, 0, mm_rows, 0, C),
+                                (probe.dst,))
+            t_cp = instr_cost(cp, spec).ii_ps / (mm_rows * C) / nt
+            inv = sum(1 / t[e] for e in t) + 1 / t_pe - t_cp / (t_pe * t["act"])
+            rows = min(R, int(R * C / inv / t_pe / C))
+            depth = next((env.pipe[v] for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), 1)
+            banks = -(-rows // rows_mm)
+            free = (spec.psum_partition_bytes - self.used("psum")) // spec.psum_bank_bytes
+            banks = min(banks, free // depth)
+            rows = min(rows, banks * rows_mm)
+            if rows < 1:
+                self.diag_acc[key] = st = (0,)
+            else:
+                ps, psname = self.alloc_banks(banks, f"{job.stage}_pe", env, level=level)
+                db, dname = self.alloc("sbuf", nt * P * ITEMSIZE[dt], f"{job.stage}_diag", env,
+                                       depth=level)
+                chunks = [(r0, min(rows_mm, rows - r0)) for r0 in range(0, rows, rows_mm)]
+                outs = [isa.AP("psum", psname, "float32",
+                               (ps + k * spec.psum_bank_bytes).addr(), ((1, P), (1, nr * C)))
+                        for k, (_, nr) in enumerate(chunks)]
+                self.diag_out[key] = [
+                    isa.Instr.make("tensor_copy", "act", _rect_ap(acc_ap, r0, nr, 0, C), (o,))
+                    for (r0, nr), o in zip(chunks, outs)]
+                self.diag_acc[key] = st = (rows, chunks, outs, db, dname, t_cp * nt)
+        if st[0] == 0:
+            return 0
+        rows, chunks, outs, db, dname, t_cp = st
+        base["act"] += rows * C * t_cp / nt
+        tap, k = Lin(0), 1
+        for u in reversed(red):
+            tap, k = tap + env.lin[u].scale(k), k * nom[u]
+        d = isa.AP("sbuf", dname, dt, (db + tap.scale(P * ITEMSIZE[dt])).addr(), ((1, P), (1, P)))
+        self.emit_balanced(isa.Instr.make("tensor_scalar", "dve", d, (self.diag_iota(P), self.ap(
+            s, P, [], {})), op0="eq", scalar0=0.0, reverse0=False, op1="mul", scalar1="ap",
+            reverse1=False))
+        mm = {k_: v for k_, v in attrs.items()}
+        for (r0, nr), o in zip(chunks, outs):
+            self.emit(isa.Instr.make("matmul", "pe", o, (d, _rect_ap(xa, r0, nr, 0, C)), **mm))
+        return rows
+
+    def diag_iota(self, P: int) -> isa.AP:
+        """[P, P] float32 p - f (zero on the diagonal), once per job before its loops."""
+        key = ("__diag_iota__", P)
+        if key not in self.memo[1]:
+            body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
+            try:
+                self.hoisting = True
+                v = self.tile(P, ("__f",), {"__f": P}, "float32", "diag_iota", Env({}, {}),
+                              depth=1)
+                self.hoisting = False
+                ap = self.ap(v, P, ["__f"], {"__f": P})
+                self.emit(isa.Instr.make("iota", "pool", ap, base=0, pcoef=1, fcoefs=(-1,)))
+            finally:
+                self.body, self.trips, self.hoisting = body, trips, False
+            self.memo[1][key] = ap
+        return self.memo[1][key]
 
     def emit_matmul(self, job: Job, env: Env, ext, acc_mode, reset):
         st_ld, mv_ld = job.ops
@@ -1730,6 +1799,30 @@ class Lowerer:
         self.emit_balanced(isa.Instr.make("tensor_copy", "dve", self.ap(out, K, list(v.deps), ext),
                                           (self.ap(v, K, list(v.deps), ext),)))
         return out
+
+
+def _flat_rects(a: int, b: int, C: int) -> list:
+    """Elements [a, b) of a row-major [*, C] block as (row, rows, col, cols) rectangles: a
+    partial first row, whole rows, a partial last row."""
+    out = []
+    r, c = divmod(a, C)
+    if c and a < b:
+        n = min(C - c, b - a)
+        out.append((r, 1, c, n))
+        a, r = a + n, r + 1
+    if b - a >= C:
+        out.append((r, (b - a) // C, 0, C))
+        r, a = r + (b - a) // C, a + (b - a) // C * C
+    if a < b:
+        out.append((r, 1, 0, b - a))
+    return out
+
+
+def _rect_ap(ap: isa.AP, r0: int, nr: int, c0: int, nc: int) -> isa.AP:
+    """Rows [r0, r0+nr) x columns [c0, c0+nc) of a [P, rows, cols] (or [P, cols]) AP."""
+    if len(ap.dims) == 2:
+        return _slice_ap(ap, 1, c0, nc)
+    return _slice_ap(_slice_ap(ap, 1, r0, nr), 2, c0, nc)
 
 
 def _subsets(items, r):
