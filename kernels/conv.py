@@ -160,8 +160,8 @@ def depthwise_template(s, cfg):
         s.partition(ci)
         s.vectorize(h)
         s.vectorize(w)
-        for tap in (kh, kw):   # loops (depth 1: one slot), never a vectorized reduction
-            s.pipeline(tap, 1)
+        s.pipeline(kh, 1)      # a loop (depth 1: one slot), never a vectorized reduction
+        s.unroll(kw)           # each column tap its own columns: no padding columns on chip
         tiles = s.fuse(n, co) if ext(s, n) > 1 else co
         s.cache_read("Wt", "sbuf", tiles)      # first: not queued behind the plane's load
         s.cache_read("X", "sbuf", tiles)

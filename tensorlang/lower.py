@@ -425,6 +425,7 @@ class Lowerer:
         self.pads: dict = {}              # padded copy -> (source, value, shape, lo)
         self.diag_acc: dict = {}          # acc tile -> tensor-engine part (see diag_rows)
         self.diag_out: dict = {}          # acc tile -> copies of that part out of PSUM
+        self.clipped: dict = {}           # box buffer -> (dim, padded range it holds)
         self.hbm_reads: set = set()       # HBM tensors some DMA has read
         self.unfilled: set = set()        # padded copies nothing reads from HBM (not filled)
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
@@ -1663,7 +1664,20 @@ class Lowerer:
                    if e == "act" or e in self.engines_for(on("dve", acc_ap, xa))]
         t = {e: instr_cost(on(e, acc_ap, xa), self.spec).ii_ps / (R * C) for e in engines}
         base = {e: 0.0 for e in engines}
-        rows = self.diag_rows(job, env, P, acc_ap, xa, s, attrs, t, base, R, C)
+        cols, zero = (0, C), []
+        clip = self.clipped.get(x.name)
+        if clip is not None:    # the box holds the source's columns only (_clip_dim)
+            cols = self.clip_cols(job, e.b if sa else e.a, clip, env, C)
+            if "acc" not in attrs or "reset_on" in attrs:
+                # the resetting pass does not reach the other columns: zero them first,
+                # before the reduction loops (the passes after it accumulate)
+                k = sum(1 for u in env.loops if job.kind.get(u) == "reduce")
+                zero = [(self.body[-1 - k], c0, c1 - c0)
+                        for c0, c1 in ((0, cols[0]), (cols[1], C)) if c1 > c0]
+        for at, c0, nc in zero:
+            at.append(isa.Instr.make("memset", "pool", _rect_ap(acc_ap, 0, R, c0, nc),
+                                     value=0.0))
+        rows = self.diag_rows(job, env, P, acc_ap, xa, s, attrs, t, base, R, C, cols, zero)
         E, a0 = R * C, rows * C
         # the rest over the vector engines: all finish a pass together (act may also move the
         # tensor engine's rows out of PSUM once per tile: its `base`)
@@ -1677,10 +1691,29 @@ class Lowerer:
         cuts.append(E)
         for eng, a, b in zip(engines, cuts, cuts[1:]):
             for r0, nr, c0, nc in _flat_rects(a, b, C):
-                self.emit(on(eng, _rect_ap(acc_ap, r0, nr, c0, nc), _rect_ap(xa, r0, nr, c0, nc)))
+                c0, c1 = max(c0, cols[0]), min(c0 + nc, cols[1])
+                if c1 > c0:
+                    self.emit(on(eng, _rect_ap(acc_ap, r0, nr, c0, c1 - c0),
+                                 _rect_ap(xa, r0, nr, c0, c1 - c0)))
         return True
 
-    def diag_rows(self, job: Job, env: Env, P, acc_ap, xa, s: Val, attrs, t, base, R, C) -> int:
+    def clip_cols(self, job: Job, ld: Load, clip, env: Env, C: int) -> tuple:
+        """The output columns [lo, hi) whose read of `ld` falls inside the padded range the
+        clipped box holds (clip = (dim, a, b)); the other terms of that index are fixed
+        here (unrolled taps)."""
+        d, a, b = clip
+        ix, f = ld.index[d], job.free[-1]
+        sf = ix.coef(f)
+        rest = self.split_affine(Affine(tuple((v, c) for v, c in ix.terms if v != f), ix.const),
+                                 env)
+        if rest.terms or sf < 1:
+            raise TensorlangError(f"internal: clipped read {ld.tensor}[{ix}] of a box is not "
+                                  f"fixed per tap here")
+        lo, hi = -(-(a - rest.const) // sf), -(-(b - rest.const) // sf)
+        return max(0, min(C, lo)), max(0, min(C, hi))
+
+    def diag_rows(self, job: Job, env: Env, P, acc_ap, xa, s: Val, attrs, t, base, R, C,
+                  cols=None, zero=()) -> int:
         """The first rows of a scaled_acc tile on the tensor engine: per iteration, diag(s)
         (iota == 0 times s: one tensor_scalar into a per-tap slot) as the stationary
         operand and the window rows as the moving one, accumulating in PSUM banks allocated
@@ -1742,9 +1775,15 @@ class Lowerer:
         self.emit_balanced(isa.Instr.make("tensor_scalar", "dve", d, (self.diag_iota(P), self.ap(
             s, P, [], {})), op0="eq", scalar0=0.0, reverse0=False, op1="mul", scalar1="ap",
             reverse1=False))
-        mm = {k_: v for k_, v in attrs.items()}
+        c0, c1 = cols or (0, C)
         for (r0, nr), o in zip(chunks, outs):
-            self.emit(isa.Instr.make("matmul", "pe", o, (d, _rect_ap(xa, r0, nr, 0, C)), **mm))
+            grid = dataclasses.replace(o, dims=((1, P), (C, nr), (1, C)))
+            for at, z0, nz in zero:        # PSUM columns the resetting pass does not reach
+                at.append(isa.Instr.make("memset", "dve", _rect_ap(grid, 0, nr, z0, nz),
+                                         value=0.0))
+            if c1 > c0:
+                self.emit(isa.Instr.make("matmul", "pe", _rect_ap(grid, 0, nr, c0, c1 - c0),
+                                         (d, _rect_ap(xa, r0, nr, c0, c1 - c0)), **attrs))
         return rows
 
     def diag_iota(self, P: int) -> isa.AP:
@@ -2536,7 +2575,7 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
     inner = (part, *deps, *slots)
     for u in inner:
         sp = job.split_of.get(u)
-        if (sp is not None and sp.tail) or u in job.unroll:
+        if (sp is not None and sp.tail) or (u in job.unroll and u not in slots):
             return False
     coef = [{a: ix.coef(a) for a in inner if ix.coef(a)} for ix in ld.index]
     dp = [d for d, c in enumerate(coef) if part in c]
@@ -2544,6 +2583,9 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
         return False
     box = [(d, 1 + sum(c * (nom[a] - 1) for a, c in cd.items()))
            for d, cd in enumerate(coef) if cd and d != dp[0]]
+    clip = _clip_dim(lw, job, ld, part, deps, coef, box, inner) if producer is None else None
+    if clip is not None:        # the innermost dim holds the source's part only (see there)
+        box = [(d, clip[2] if d == clip[0] else e) for d, e in box]
     elems = 1
     for _, n in box:
         elems *= n
@@ -2562,7 +2604,7 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
     for a in (part, *deps):
         ext[a] = nom[a]
     if producer is None and _pad_on_chip(lw, ld, inner, dp[0], nom[part], box, bstride, base,
-                                         bname, env):
+                                         bname, env, clip):
         pass
     elif producer is None:
         fl = lw.flat(ld.tensor, ld.index)
@@ -2585,47 +2627,96 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
             lw.virtual(producer, dataclasses.replace(ld, index=index), part, bdeps, env, bext,
                        into=into)
 
+    vbase = base if clip is None else base + -clip[1] * bstride[clip[0]] * ITEMSIZE[t.dtype]
+    if clip is not None:        # padded coordinates [a, b) of the clipped dim are in the box
+        o = _pad_spans(lw, ld, inner, box)[clip[0]][0]
+        lw.clipped[bname] = (clip[0], o + clip[1], o + clip[1] + clip[2])
+
     def view(e, d_=deps):
-        b = base
+        b = vbase
         for u in slots:
             b = b + e.lin[u].scale(sum(cd.get(u, 0) * bstride.get(d, 0)
                                        for d, cd in enumerate(coef)) * ITEMSIZE[t.dtype])
         strides = tuple(sum(cd.get(f, 0) * bstride.get(d, 0) for d, cd in enumerate(coef))
                         for f in deps)
         return Val("sbuf", b, tuple(d_), strides, t.dtype, bname)
-    key_env = env
-    for u in slots:   # the consumer's loops over the slots bind these (extent 1: a constant)
-        key_env = key_env.bind(u, Lin.var(u) if lw.nominal(job, u, env) > 1 else Lin(0))
-    lw.memo[-1][lw.operand_key(ld, part, deps, key_env, ext)] = view
+    key_envs = [env]
+    for u in slots:   # the consumer's loops over the slots bind these (extent 1: a constant;
+        n = lw.nominal(job, u, env)       # unrolled: each value)
+        vals = [Lin(c) for c in range(n)] if u in job.unroll else \
+            [Lin.var(u) if n > 1 else Lin(0)]
+        key_envs = [k.bind(u, v) for k in key_envs for v in vals]
+    for key_env in key_envs:
+        lw.memo[-1][lw.operand_key(ld, part, deps, key_env, ext)] = view
     return True
 
 
+def _pad_spans(lw: Lowerer, ld: Load, inner, box) -> dict | None:
+    """{box dim: (box start, interior start, interior end)} in the padded copy's coordinates
+    for a read of a padded copy whose box sits at a fixed place (see _pad_on_chip); None
+    when it does not, or a dim outside the box is padded."""
+    pad = lw.pads.get(ld.tensor)
+    if pad is None:
+        return None
+    src, _, _, lo = pad
+    sshape = lw.tensors[src].shape
+    where = dict(box)
+    span = {}
+    for d, ix in enumerate(ld.index):
+        o = Affine(tuple((v, c) for v, c in ix.terms if v not in inner), ix.const)
+        if d in where:
+            if o.terms:
+                return None
+            span[d] = (o.const, max(o.const, lo[d]), min(o.const + where[d], lo[d] + sshape[d]))
+        elif lo[d] or lw.tensors[ld.tensor].shape[d] != sshape[d]:
+            return None
+    return span
+
+
+def _clip_dim(lw: Lowerer, job: Job, ld: Load, part: str, deps, coef, box, inner):
+    """(dim, shift, extent) when the box of a padded read can leave out the padding of its
+    innermost dim: each row of the box is then one contiguous run of the source (one DMA
+    chunk per partition instead of one per row) and the consumer clips each tap to the
+    output columns that read inside the source (Lowerer.scaled_acc, with the tap loop of
+    that dim unrolled so each tap has its own columns). Only for that consumer: a sum of
+    `ld` times a per-partition scalar. None: keep the padded layout."""
+    e = job.value
+    d = len(ld.index) - 1
+    if (not deps or job.reduce != "add" or job.red_free or not isinstance(e, Binary)
+            or e.op != "mul" or ld not in (e.a, e.b) or box[-1][0] != d
+            or not lw.scalar_valued(e.b if ld == e.a else e.a, job.free)):
+        return None
+    f = deps[-1]
+    if set(coef[d]) - {f} - set(job.unroll) or coef[d].get(f, 0) < 1:
+        return None
+    span = _pad_spans(lw, ld, inner, box)
+    if span is None:
+        return None
+    o, a, b = span[d]
+    if b <= a or (a, b) == (o, o + box[-1][1]):
+        return None
+    return d, a - o, b - a
+
+
 def _pad_on_chip(lw: Lowerer, ld: Load, inner, dp: int, P: int, box, bstride, base, bname,
-                 env: Env) -> bool:
+                 env: Env, clip=None) -> bool:
     """The box of a zero-padded read (`ld` reads the padded copy of a tensor, see
     pad_tensors) filled on chip: the part of the box inside the source tensor by one DMA from
     the source, the border by memsets of the pad value; the padded copy in HBM is then never
     needed. Only when the box sits at a fixed place in every padded dimension (a whole padded
     plane per tile) and the other dimensions are not padded. False: nothing emitted."""
-    pad = lw.pads.get(ld.tensor)
-    if pad is None:
+    span = _pad_spans(lw, ld, inner, box)  # box dim -> (box start, interior start, end)
+    if span is None:
         return False
-    src, value, _, lo = pad
+    src, value, _, lo = lw.pads[ld.tensor]
     sshape = lw.tensors[src].shape
     dtype = lw.tensors[src].dtype
     where = dict(box)
     outer = [Affine(tuple((v, c) for v, c in ix.terms if v not in inner), ix.const)
              for ix in ld.index]
-    span = {}                              # box dim -> (box start, interior start, end)
-    for d, o in enumerate(outer):
-        if d in where:
-            if o.terms:
-                return False
-            a = max(o.const, lo[d])
-            b = min(o.const + where[d], lo[d] + sshape[d])
-            span[d] = (o.const, a, b)
-        elif lo[d] or lw.tensors[ld.tensor].shape[d] != sshape[d]:
-            return False
+    if clip is not None:                   # that dim holds the interior only
+        a = span[clip[0]][0] + clip[1]
+        span[clip[0]] = (a, a, a + clip[2])
     size = ITEMSIZE[dtype]
 
     def region(lims, at=base):             # SBUF AP of the box region {d: (start, stop)}
