@@ -1657,7 +1657,11 @@ class Lowerer:
             return isa.Instr.make("tensor_tensor", eng, d, (xs, bc), op="mul", **attrs)
         free = acc_ap.dims[1:]
         R, C = (1, free[0][1]) if len(free) == 1 else (free[0][1], free[1][1])
+        clip = self.clipped.get(x.name)
         if len(free) > 2 or free[-1][0] != 1 or (len(free) == 2 and free[0][0] != C):
+            if clip is not None:
+                raise TensorlangError(f"internal: the clipped box {x.name!r} is read by a "
+                                      f"{len(free)}-dim / strided tile of {job.stage!r}")
             self.emit(on("act", acc_ap, xa))
             return True
         engines = [e for e in COMPUTE_ENGINES
@@ -1665,7 +1669,6 @@ class Lowerer:
         t = {e: instr_cost(on(e, acc_ap, xa), self.spec).ii_ps / (R * C) for e in engines}
         base = {e: 0.0 for e in engines}
         cols, zero = (0, C), []
-        clip = self.clipped.get(x.name)
         if clip is not None:    # the box holds the source's columns only (_clip_dim)
             cols = self.clip_cols(job, e.b if sa else e.a, clip, env, C)
             if "acc" not in attrs or "reset_on" in attrs:
@@ -2682,9 +2685,13 @@ def _clip_dim(lw: Lowerer, job: Job, ld: Load, part: str, deps, coef, box, inner
     `ld` times a per-partition scalar. None: keep the padded layout."""
     e = job.value
     d = len(ld.index) - 1
-    if (not deps or job.reduce != "add" or job.red_free or not isinstance(e, Binary)
-            or e.op != "mul" or ld not in (e.a, e.b) or box[-1][0] != d
-            or not lw.scalar_valued(e.b if ld == e.a else e.a, job.free)):
+    if (not deps or len(deps) > 2 or job.reduce != "add" or job.red_free
+            or not isinstance(e, Binary) or e.op != "mul" or ld not in (e.a, e.b)
+            or box[-1][0] != d or tuple(deps) != tuple(job.free)):
+        return None
+    w = e.b if ld == e.a else e.a       # per-partition (not broadcast: its value is in SBUF)
+    if (not isinstance(w, Load) or not lw.scalar_valued(w, job.free)
+            or not any(ix.coef(part) for ix in w.index)):
         return None
     f = deps[-1]
     if set(coef[d]) - {f} - set(job.unroll) or coef[d].get(f, 0) < 1:

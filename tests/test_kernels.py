@@ -132,6 +132,52 @@ def test_depthwise_planes(xs, k, stride, padding, dilation, dtype):
         hbm / (sim.machine("trn2").dma_gbps * 1e3), rel=1e-9)
 
 
+def test_padded_plane_taps_with_shared_or_constant_weights():
+    """The plane schedule on sums whose weight is not per channel (one filter for every
+    channel, a constant): the box keeps its padding columns then (no clipped taps), values
+    still equal numpy."""
+    @tl.kernel
+    def shared(X, F):
+        C, H, W = X.shape
+        Y = tl.tensor((C, H, W), "float32")
+        for c, h, w in tl.grid(C, H, W):
+            Y[c, h, w] = 0.0
+            for kh, kw in tl.reduce(3, 3):
+                Y[c, h, w] += X.pad(0.0)[c, h + kh - 1, w + kw - 1] * F[kh, kw]
+        return Y
+
+    @tl.kernel
+    def box_sum(X):
+        C, H, W = X.shape
+        Y = tl.tensor((C, H, W), "float32")
+        for c, h, w in tl.grid(C, H, W):
+            Y[c, h, w] = 0.0
+            for kh, kw in tl.reduce(3, 3):
+                Y[c, h, w] += X.pad(0.0)[c, h + kh - 1, w + kw - 1] * 0.5
+        return Y
+
+    X, F = R((256, 20, 30)), R((3, 3), seed=1)
+    Xp = np.pad(f32(X), ((0, 0), (1, 1), (1, 1)))
+    win = [Xp[:, kh:kh + 20, kw:kw + 30] for kh in range(3) for kw in range(3)]
+    for kern, args, w in ((shared, (X, F), f32(F).ravel()), (box_sum, (X,), [0.5] * 9)):
+        prog = kern.trace(*args)
+        s = prog.schedule()
+        c, h, w_ = s.axes("Y")
+        kh, kw = s.reduce_axes("Y")
+        co, ci = s.split(c, 128)
+        s.reorder(co, kh, kw, ci, h, w_)
+        s.partition(ci)
+        s.vectorize(h)
+        s.vectorize(w_)
+        s.pipeline(kh, 1)
+        s.unroll(kw)
+        s.cache_read("X", "sbuf", co)
+        k = s.build()
+        assert "X_pad_box" in k.asm() and "X_pad scratch" not in k.asm()
+        expect = sum(np.float32(wk) * x for wk, x in zip(w, win))
+        assert_close(k.run(*args), expect, "bfloat16", what=kern.name)
+
+
 # -- norms -----------------------------------------------------------------------------------------
 
 def rms(x, g):
