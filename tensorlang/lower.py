@@ -1753,6 +1753,8 @@ class Lowerer:
             free = (spec.psum_partition_bytes - self.used("psum")) // spec.psum_bank_bytes
             banks = min(banks, free // depth)
             rows = min(rows, banks * rows_mm)
+            if rows * C < 2 * P:    # diag(s) per pass ([P, P] on a vector engine) would
+                rows = 0            # cost about what the tensor engine takes off them
             if rows < 1:
                 self.diag_acc[key] = st = (0,)
             else:
