@@ -48,6 +48,8 @@ SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide 
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
 COMPUTE_ENGINES = ("act", "dve", "pool")
+DIAG_DIRECT_ELEMS = 2048  # compiler choice: a tap-accumulation tile this big stores its tensor-
+DIAG_DIRECT_KEEP = 0.85   # ... engine rows from PSUM when whole banks keep this share of them
 INTERLEAVE_MAX = 2      # compiler choice: query tiles of a transposed fill whose chains interleave
 
 # ----------------------------------------------------------------------------------------
@@ -786,7 +788,26 @@ class Lowerer:
         P = ext[job.part]
         acc = self.acc_val(job, env)
         if self.diag_out and acc.mem == "sbuf":      # the tensor engine's rows (diag_rows)
-            for ins in self.diag_out.pop((acc.name, self.ap(acc, P, job.free, ext).offset), ()):
+            pe = self.diag_out.pop((acc.name, self.ap(acc, P, job.free, ext).offset), None)
+            if isinstance(pe, tuple):                # (rows, chunks, outs): see diag_rows
+                # stored from PSUM by one DMA (equal banks, see diag_rows: the banks as
+                # one more dim), the rest from SBUF
+                rows, chunks, outs = pe
+                src = self.ap(acc, P, job.free, ext)
+                dst = self.hbm_ap(job.dest.tensor, job.dest.index, job.part, job.free, env, ext)
+                R, C = src.dims[1][1], src.dims[2][1]
+                bank, nr = self.spec.psum_bank_bytes // 4, chunks[0][1]
+                part = _rect_ap(dst, 0, rows, 0, C)
+                self.dma(dataclasses.replace(part, dims=(part.dims[0], (nr * C, len(chunks)),
+                                                         (C, nr), (1, C))),
+                         dataclasses.replace(outs[0], dims=((1, P), (bank, len(chunks)),
+                                                            (C, nr), (1, C))))
+                if rows < R:
+                    self.dma(_rect_ap(dst, rows, R - rows, 0, C),
+                             _rect_ap(src, rows, R - rows, 0, C))
+                self.invalidate(job.dest.tensor)
+                return
+            for ins in pe or ():
                 self.emit(ins)
         if job.reduce is not None and job.init is not None:
             iv = self.eval(job, job.init, env, ext, job.free)
@@ -1745,19 +1766,28 @@ class Lowerer:
             t_pe = instr_cost(probe, spec).ii_ps / (mm_rows * C)
             cp = isa.Instr.make("tensor_copy", "act", _rect_ap(acc_ap, 0, mm_rows, 0, C),
                                 (probe.dst,))
-            t_cp = instr_cost(cp, spec).ii_ps / (mm_rows * C) / nt
-            inv = sum(1 / t[e] for e in t) + 1 / t_pe - t_cp / (t_pe * t["act"])
-            rows = min(R, int(R * C / inv / t_pe / C))
             depth = next((env.pipe[v] for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), 1)
-            banks = -(-rows // rows_mm)
             free = (spec.psum_partition_bytes - self.used("psum")) // spec.psum_bank_bytes
-            banks = min(banks, free // depth)
-            rows = min(rows, banks * rows_mm)
+
+            def plan(t_cp):        # rows for the tensor engine when act also copies them
+                inv = sum(1 / t[e] for e in t) + 1 / t_pe - t_cp / (t_pe * t["act"])
+                n = min(R, int(R * C / inv / t_pe / C))
+                return min(n, min(-(-n // rows_mm), free // depth) * rows_mm)
+            t_cp = instr_cost(cp, spec).ii_ps / (mm_rows * C) / nt
+            rows, direct = plan(t_cp), False
+            if self.diag_direct(job) and R * C >= DIAG_DIRECT_ELEMS:
+                # stored straight from PSUM by one DMA: equal banks (store_tile), when
+                # rounding to them keeps most of the rows
+                n = plan(0.0)
+                n = n // rows_mm * rows_mm if rows_mm < n < R else n
+                if n >= DIAG_DIRECT_KEEP * plan(0.0):
+                    rows, direct, t_cp = n, True, 0.0
             if rows * C < 2 * P:    # diag(s) per pass ([P, P] on a vector engine) would
                 rows = 0            # cost about what the tensor engine takes off them
             if rows < 1:
                 self.diag_acc[key] = st = (0,)
             else:
+                banks = -(-rows // rows_mm)
                 ps, psname = self.alloc_banks(banks, f"{job.stage}_pe", env, level=level)
                 db, dname = self.alloc("sbuf", nt * P * ITEMSIZE[dt], f"{job.stage}_diag", env,
                                        depth=level)
@@ -1765,7 +1795,7 @@ class Lowerer:
                 outs = [isa.AP("psum", psname, "float32",
                                (ps + k * spec.psum_bank_bytes).addr(), ((1, P), (1, nr * C)))
                         for k, (_, nr) in enumerate(chunks)]
-                self.diag_out[key] = [
+                self.diag_out[key] = (rows, chunks, outs) if direct else [
                     isa.Instr.make("tensor_copy", "act", _rect_ap(acc_ap, r0, nr, 0, C), (o,))
                     for (r0, nr), o in zip(chunks, outs)]
                 self.diag_acc[key] = st = (rows, chunks, outs, db, dname, t_cp * nt)
@@ -1790,6 +1820,13 @@ class Lowerer:
                 self.emit(isa.Instr.make("matmul", "pe", _rect_ap(grid, 0, nr, c0, c1 - c0),
                                          (d, _rect_ap(xa, r0, nr, c0, c1 - c0)), **attrs))
         return rows
+
+    def diag_direct(self, job: Job) -> bool:
+        """Are the tensor engine's rows of a scaled_acc tile stored straight from PSUM (an
+        fp32 HBM output of a [rows, cols] tile with nothing to add) instead of copied into
+        the acc tile first (act)?"""
+        return (isinstance(job.dest, HbmDest) and job.init is None and len(job.free) == 2
+                and self.tensors[job.dest.tensor].dtype == "float32")
 
     def diag_iota(self, P: int) -> isa.AP:
         """[P, P] float32 p - f (zero on the diagonal), once per job before its loops."""

@@ -109,7 +109,8 @@ def test_conv2d_and_depthwise(xs, ws, stride, padding, dilation):
 DEPTHWISE = [((1, 256, 24, 24), 3, 1, 1, 1, "bfloat16"), ((2, 160, 9, 11), 3, 2, 1, 1, "bfloat16"),
              ((1, 128, 10, 10), 5, 1, 2, 1, "float32"), ((2, 64, 8, 8), 3, 1, 0, 1, "bfloat16"),
              ((1, 96, 11, 9), 3, 1, 2, 2, "bfloat16"), ((1, 128, 7, 7), 5, 2, 3, 1, "bfloat16"),
-             ((2, 128, 23, 25), 5, 1, 2, 1, "float32"), ((1, 64, 40, 30), 3, 2, 1, 1, "bfloat16")]
+             ((2, 128, 23, 25), 5, 1, 2, 1, "float32"), ((1, 64, 40, 30), 3, 2, 1, 1, "bfloat16"),
+             ((2, 192, 50, 44), 3, 1, 1, 1, "bfloat16")]   # tensor-engine rows stored from PSUM
 
 
 @pytest.mark.parametrize("xs,k,stride,padding,dilation,dtype", DEPTHWISE)
