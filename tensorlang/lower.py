@@ -1776,12 +1776,15 @@ class Lowerer:
             t_cp = instr_cost(cp, spec).ii_ps / (mm_rows * C) / nt
             rows, direct = plan(t_cp), False
             if self.diag_direct(job) and R * C >= DIAG_DIRECT_ELEMS:
-                # stored straight from PSUM by one DMA: equal banks (store_tile), when
-                # rounding to them keeps most of the rows
-                n = plan(0.0)
-                n = n // rows_mm * rows_mm if rows_mm < n < R else n
-                if n >= DIAG_DIRECT_KEEP * plan(0.0):
-                    rows, direct, t_cp = n, True, 0.0
+                # stored straight from PSUM by one DMA: k banks of nr rows each (store_tile),
+                # as near the planned rows as they come, when they keep most of them
+                want = plan(0.0)
+                k, nr = min(((k, nr) for nr in range(1, rows_mm + 1)
+                             for k in range(1, free // depth + 1) if k * nr <= R),
+                            key=lambda kn: (abs(kn[0] * kn[1] - want), -kn[0] * kn[1]),
+                            default=(0, 0))
+                if k * nr >= DIAG_DIRECT_KEEP * want:
+                    rows, direct, t_cp, rows_mm = k * nr, True, 0.0, nr
             if rows * C < 2 * P:    # diag(s) per pass ([P, P] on a vector engine) would
                 rows = 0            # cost about what the tensor engine takes off them
             if rows < 1:
