@@ -85,6 +85,7 @@ depthwise_algo.name = "depthwise_conv2d"
 # -- schedules ----------------------------------------------------------------------------------
 
 DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 2, "wt_kib": 48}
+DW_DEFAULT = {"free": 512, "pipe": 2, "plane_kib": 64, "small_kib": 8}
 
 
 def _even(n: int, want: int) -> int:
@@ -92,6 +93,16 @@ def _even(n: int, want: int) -> int:
     staged and box fills need whole tiles), else `want`."""
     parts = -(-n // max(1, want))
     return n // parts if n % parts == 0 else fit(n, want)
+
+
+def _whole(n: int, want: int) -> int:
+    """A split factor <= want that divides n into the fewest equal parts (up to twice the
+    fewest possible: 576 channels -> 6 x 96); else as _even."""
+    fewest = -(-n // max(1, want))
+    for parts in range(fewest, 2 * fewest + 1):
+        if n % parts == 0:
+            return n // parts
+    return _even(n, want)
 
 
 def _spatial_free(s, stage, h, w, limit):
@@ -147,8 +158,28 @@ def simple(s, cfg):
 
 
 def depthwise_template(s, cfg):
-    """Channels on the partitions, output pixels on the free axis, taps accumulated."""
+    """Channels on the partitions, output pixels on the free axis, taps accumulated. When a
+    channel tile's output plane fits `plane_kib` per partition the tile is the whole plane:
+    its input plane (with the zero border, set on chip) is loaded once per tile and every tap
+    is one accumulating pass over a shifted window of it; the weights load once per tile."""
     n, c, h, w = s.axes("Y")
+    kh, kw = s.reduce_axes("Y")
+    if ext(s, h) * ext(s, w) * 4 <= cfg["plane_kib"] * 1024:
+        co, ci = s.split(c, _whole(ext(s, c), 128))     # equal tiles: no tail, one box each
+        s.reorder(n, co, kh, kw, ci, h, w)
+        s.partition(ci)
+        s.vectorize(h)
+        s.vectorize(w)
+        s.pipeline(kh, 1)      # a loop (depth 1: one slot), never a vectorized reduction
+        s.unroll(kw)           # each column tap its own columns: no padding columns on chip
+        tiles = s.fuse(n, co) if ext(s, n) > 1 else co
+        s.cache_read("Wt", "sbuf", tiles)      # first: not queued behind the plane's load
+        s.cache_read("X", "sbuf", tiles)
+        # small planes: a third slot (their PSUM rows fit three times)
+        pipe = cfg["pipe"] + (ext(s, h) * ext(s, w) * 4 <= cfg["small_kib"] * 1024)
+        if pipe > 1 and ext(s, tiles) > 1:
+            s.pipeline(tiles, pipe)
+        return
     co, ci = s.split(c, fit(ext(s, c), 128))
     outer, free = _spatial_free(s, "Y", h, w, cfg["free"] * 4)
     s.reorder(n, co, *outer, ci, *free)
@@ -161,5 +192,5 @@ conv2d = KernelFn("conv2d", conv2d_algo, (("expert", template, DEFAULT),
                                           ("simple", simple, DEFAULT)),
                   "2-D convolution (NCHW, OIHW weights) as an implicit GEMM")
 depthwise_conv2d = KernelFn("depthwise_conv2d", depthwise_algo,
-                            (("expert", depthwise_template, DEFAULT),),
+                            (("expert", depthwise_template, DW_DEFAULT),),
                             "depthwise 2-D convolution (NCHW, [C,KH,KW] weights)")

@@ -22,7 +22,10 @@ Fields (all derived from one simulated run of a Program on a MachineSpec):
   instructions      dynamic instruction count (loops expanded)
   roofline_us       max(matmul flops / spec.peak_flops(input dtype),
                         compulsory HBM bytes / spec.dma_gbps), where the compulsory bytes are
-                    the sizes of the program's input and output tensors (scratch excluded)
+                    the sizes of the program's input and output tensors (scratch excluded);
+                    a compiled kernel's report (tensorlang CompiledKernel.simulate) counts
+                    in the matmul term only the contractions its algorithm asks for, not
+                    the diagonal / broadcast matmuls the lowering adds
   roofline_fraction roofline_us / time_us, clipped to [0, 1]
   bound             "compute" if the flop term of the roofline dominates, else "memory"
 

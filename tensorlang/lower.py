@@ -49,6 +49,8 @@ SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide 
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
 COMPUTE_ENGINES = ("act", "dve", "pool")
+DIAG_DIRECT_ELEMS = 2048  # compiler choice: a tap-accumulation tile this big stores its tensor-
+DIAG_DIRECT_KEEP = 0.85   # ... engine rows from PSUM when whole banks keep this share of them
 INTERLEAVE_MAX = 4      # compiler choice: query tiles of a transposed fill whose chains interleave
 SINGLE = "__single__"    # Env.pipe key: see _rotation
 ROW_PSUM_BANKS = 4      # compiler choice: a kept contraction row over more banks goes to SBUF
@@ -431,6 +433,12 @@ class Lowerer:
         self.eval_depth = 0
         self.streams = 0                 # chains a transposed fill is generating (0: none)
         self.psum_peak = 0                # PSUM the rest of the program needs at once
+        self.pads: dict = {}              # padded copy -> (source, value, shape, lo)
+        self.diag_acc: dict = {}          # acc tile -> tensor-engine part (see diag_rows)
+        self.diag_out: dict = {}          # acc tile -> copies of that part out of PSUM
+        self.clipped: dict = {}           # box buffer -> (dim, padded range it holds)
+        self.hbm_reads: set = set()       # HBM tensors some DMA has read
+        self.unfilled: set = set()        # padded copies nothing reads from HBM (not filled)
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
             self.prior, self.proj = prior[0], dict(prior[1])
@@ -566,6 +574,8 @@ class Lowerer:
 
     def dma(self, dst: isa.AP, src: isa.AP):
         """One whole-tile DMA; `assign_queues` splits it over the DMA queues at the end."""
+        if src.mem == "hbm":
+            self.hbm_reads.add(src.name)
         self.emit(isa.Instr.make("dma", "q0", dst, (src,)))
 
     # -- values -----------------------------------------------------------------------------
@@ -789,6 +799,28 @@ class Lowerer:
         ext = self.tile_ext(job, env, spatial_only=True)
         P = ext[job.part]
         acc = self.acc_val(job, env)
+        if self.diag_out and acc.mem == "sbuf":      # the tensor engine's rows (diag_rows)
+            pe = self.diag_out.pop((acc.name, self.ap(acc, P, job.free, ext).offset), None)
+            if isinstance(pe, tuple):                # (rows, chunks, outs): see diag_rows
+                # stored from PSUM by one DMA (equal banks, see diag_rows: the banks as
+                # one more dim), the rest from SBUF
+                rows, chunks, outs = pe
+                src = self.ap(acc, P, job.free, ext)
+                dst = self.hbm_ap(job.dest.tensor, job.dest.index, job.part, job.free, env, ext)
+                R, C = src.dims[1][1], src.dims[2][1]
+                bank, nr = self.spec.psum_bank_bytes // 4, chunks[0][1]
+                part = _rect_ap(dst, 0, rows, 0, C)
+                self.dma(dataclasses.replace(part, dims=(part.dims[0], (nr * C, len(chunks)),
+                                                         (C, nr), (1, C))),
+                         dataclasses.replace(outs[0], dims=((1, P), (bank, len(chunks)),
+                                                            (C, nr), (1, C))))
+                if rows < R:
+                    self.dma(_rect_ap(dst, rows, R - rows, 0, C),
+                             _rect_ap(src, rows, R - rows, 0, C))
+                self.invalidate(job.dest.tensor)
+                return
+            for ins in pe or ():
+                self.emit(ins)
         if job.reduce is not None and job.init is not None:
             iv = self.eval(job, job.init, env, ext, job.free)
             out = self.binary(job.reduce, iv, acc, env, ext, job.free, P,
@@ -1897,6 +1929,8 @@ class Lowerer:
         acc_ap = self.ap(self.acc_val(job, env), P, job.free, ext)
         if job.red_free and self.row_reduce(job, env, ext, dims, P, acc_ap, attrs):
             return
+        if self.scaled_acc(job, env, ext, P, acc_ap, attrs):
+            return
         v = self.eval(job, job.value, env, ext, dims)
         if isinstance(v, float):
             v = self.const_tile(v, P, env)
@@ -1959,6 +1993,207 @@ class Lowerer:
                 put(isa.Instr.make("tensor_reduce", "dve", acc_ap, (dst2,), op="add", **attrs))
         return True
 
+    def scaled_acc(self, job: Job, env: Env, ext, P, acc_ap, attrs) -> bool:
+        """A sum of x * s, s per-partition ([P,1], e.g. a depthwise convolution's tap weight),
+        over reduction loops: one accumulating pass per iteration instead of a product tile
+        and a reduce -- an activation with the scale operand on act, a tensor_tensor with s
+        broadcast along the free axes on dve / pool, and on the tensor engine a matmul with
+        the diagonal matrix diag(s) accumulating in PSUM (see diag_rows). The tile is cut
+        into pieces over the engines in proportion to their rates, the same cut in every
+        iteration, so each engine accumulates its own part. False: not that shape."""
+        e, dims = job.value, list(job.free)
+        if job.reduce != "add" or job.red_free or not isinstance(e, Binary) or e.op != "mul":
+            return False
+        sa, sb = self.scalar_valued(e.a, dims), self.scalar_valued(e.b, dims)
+        if sa == sb or not isinstance(e.b if sa else e.a, Load):
+            return False
+        s = self.eval(job, e.a if sa else e.b, env, ext, dims)
+        if not isinstance(s, Val) or not self.scalar_ok(s):
+            return False
+        x = self.eval(job, e.b if sa else e.a, env, ext, dims)
+        if not isinstance(x, Val) or x.deps != tuple(dims):
+            return False
+        xa, sap = self.ap(x, P, dims, ext), self.ap(s, P, [], ext)
+
+        def on(eng, d, xs):
+            if eng == "act":
+                return isa.Instr.make("activation", "act", d, (xs, sap), func="copy",
+                                      scale="ap", bias=0.0, **attrs)
+            bc = dataclasses.replace(sap, dims=(sap.dims[0],) + tuple((0, n) for _, n in
+                                                                      d.dims[1:]))
+            return isa.Instr.make("tensor_tensor", eng, d, (xs, bc), op="mul", **attrs)
+        free = acc_ap.dims[1:]
+        R, C = (1, free[0][1]) if len(free) == 1 else (free[0][1], free[1][1])
+        clip = self.clipped.get(x.name)
+        if len(free) > 2 or free[-1][0] != 1 or (len(free) == 2 and free[0][0] != C):
+            if clip is not None:
+                raise TensorlangError(f"internal: the clipped box {x.name!r} is read by a "
+                                      f"{len(free)}-dim / strided tile of {job.stage!r}")
+            self.emit(on("act", acc_ap, xa))
+            return True
+        engines = [e for e in COMPUTE_ENGINES
+                   if e == "act" or e in self.engines_for(on("dve", acc_ap, xa))]
+        t = {e: instr_cost(on(e, acc_ap, xa), self.spec).ii_ps / (R * C) for e in engines}
+        base = {e: 0.0 for e in engines}
+        cols, zero = (0, C), []
+        if clip is not None:    # the box holds the source's columns only (_clip_dim)
+            cols = self.clip_cols(job, e.b if sa else e.a, clip, env, C)
+            if "acc" not in attrs or "reset_on" in attrs:
+                # the resetting pass does not reach the other columns: zero them first,
+                # before the reduction loops (the passes after it accumulate)
+                k = sum(1 for u in env.loops if job.kind.get(u) == "reduce")
+                zero = [(self.body[-1 - k], c0, c1 - c0)
+                        for c0, c1 in ((0, cols[0]), (cols[1], C)) if c1 > c0]
+        for at, c0, nc in zero:
+            at.append(isa.Instr.make("memset", "pool", _rect_ap(acc_ap, 0, R, c0, nc),
+                                     value=0.0))
+        rows = self.diag_rows(job, env, P, acc_ap, xa, s, attrs, t, base, R, C, cols, zero)
+        E, a0 = R * C, rows * C
+        # the rest over the vector engines: all finish a pass together (act may also move the
+        # tensor engine's rows out of PSUM once per tile: its `base`)
+        T = (E - a0 + sum(base[e] / t[e] for e in engines)) / sum(1 / t[e] for e in engines)
+        gran, size, off = self.spec.dep_granule_bytes, acc_ap.itemsize, acc_ap.offset.base
+        cuts, want = [a0], float(a0)
+        for e in engines[:-1]:
+            want += max(0.0, (T - base[e]) / t[e])
+            at = (round((off + want * size) / gran) * gran - off) // size   # granule boundary
+            cuts.append(min(E, max(cuts[-1], at)))
+        cuts.append(E)
+        for eng, a, b in zip(engines, cuts, cuts[1:]):
+            for r0, nr, c0, nc in _flat_rects(a, b, C):
+                c0, c1 = max(c0, cols[0]), min(c0 + nc, cols[1])
+                if c1 > c0:
+                    self.emit(on(eng, _rect_ap(acc_ap, r0, nr, c0, c1 - c0),
+                                 _rect_ap(xa, r0, nr, c0, c1 - c0)))
+        return True
+
+    def clip_cols(self, job: Job, ld: Load, clip, env: Env, C: int) -> tuple:
+        """The output columns [lo, hi) whose read of `ld` falls inside the padded range the
+        clipped box holds (clip = (dim, a, b)); the other terms of that index are fixed
+        here (unrolled taps)."""
+        d, a, b = clip
+        ix, f = ld.index[d], job.free[-1]
+        sf = ix.coef(f)
+        rest = self.split_affine(Affine(tuple((v, c) for v, c in ix.terms if v != f), ix.const),
+                                 env)
+        if rest.terms or sf < 1:
+            raise TensorlangError(f"internal: clipped read {ld.tensor}[{ix}] of a box is not "
+                                  f"fixed per tap here")
+        lo, hi = -(-(a - rest.const) // sf), -(-(b - rest.const) // sf)
+        return max(0, min(C, lo)), max(0, min(C, hi))
+
+    def diag_rows(self, job: Job, env: Env, P, acc_ap, xa, s: Val, attrs, t, base, R, C,
+                  cols=None, zero=()) -> int:
+        """The first rows of a scaled_acc tile on the tensor engine: per iteration, diag(s)
+        (iota == 0 times s: one tensor_scalar into a per-tap slot) as the stationary
+        operand and the window rows as the moving one, accumulating in PSUM banks allocated
+        at the acc level; store_tile copies them into the acc tile (act) before the store.
+        Rows in proportion to the rates (`t`: ps per element per pass; the copy goes into
+        `base`). 0 when the tensor engine cannot take them (dtypes, widths, PSUM room)."""
+        spec = self.spec
+        red = [u for u in job.loops[job.acc_level:] if job.kind[u] == "reduce"]
+        dt = xa.dtype
+        level = next((x[4] for x in self.live if x[3] == acc_ap.name), None)
+        rows_mm = min(spec.matmul_max_n, spec.psum_bank_bytes // 4) // C
+        if (not red or level is None or dt not in spec.pe_rate or s.dtype != dt or rows_mm < 1
+                or P > min(spec.pe_rows, spec.pe_cols) or acc_ap.mem != "sbuf"
+                or any(ss.tensorized for ss in self.sched.state.stages)):
+            return 0
+        nom = {u: self.nominal(job, u, env) for u in red}
+        nt = math.prod(nom.values())
+        key = (acc_ap.name, acc_ap.offset)
+        st = self.diag_acc.get(key)
+        if st is None:
+            mm_rows = min(rows_mm, R)
+            probe = isa.Instr.make("matmul", "pe", isa.AP("psum", "", "float32", isa.Addr(0),
+                                                         ((1, P), (1, mm_rows * C))),
+                                   (isa.AP("sbuf", "", dt, isa.Addr(0), ((1, P), (1, P))),
+                                    _rect_ap(xa, 0, mm_rows, 0, C)))
+            t_pe = instr_cost(probe, spec).ii_ps / (mm_rows * C)
+            cp = isa.Instr.make("tensor_copy", "act", _rect_ap(acc_ap, 0, mm_rows, 0, C),
+                                (probe.dst,))
+            depth = next((env.pipe[v] for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), 1)
+            free = (spec.psum_partition_bytes - self.used("psum")) // spec.psum_bank_bytes
+
+            def plan(t_cp):        # rows for the tensor engine when act also copies them
+                inv = sum(1 / t[e] for e in t) + 1 / t_pe - t_cp / (t_pe * t["act"])
+                n = min(R, int(R * C / inv / t_pe / C))
+                return min(n, min(-(-n // rows_mm), free // depth) * rows_mm)
+            t_cp = instr_cost(cp, spec).ii_ps / (mm_rows * C) / nt
+            rows, direct = plan(t_cp), False
+            if self.diag_direct(job) and R * C >= DIAG_DIRECT_ELEMS:
+                # stored straight from PSUM by one DMA: k banks of nr rows each (store_tile),
+                # as near the planned rows as they come, when they keep most of them
+                want = plan(0.0)
+                k, nr = min(((k, nr) for nr in range(1, rows_mm + 1)
+                             for k in range(1, free // depth + 1) if k * nr <= R),
+                            key=lambda kn: (abs(kn[0] * kn[1] - want), -kn[0] * kn[1]),
+                            default=(0, 0))
+                if k * nr >= DIAG_DIRECT_KEEP * want:
+                    rows, direct, t_cp, rows_mm = k * nr, True, 0.0, nr
+            if rows * C < 2 * P:    # diag(s) per pass ([P, P] on a vector engine) would
+                rows = 0            # cost about what the tensor engine takes off them
+            if rows < 1:
+                self.diag_acc[key] = st = (0,)
+            else:
+                banks = -(-rows // rows_mm)
+                ps, psname = self.alloc_banks(banks, f"{job.stage}_pe", env, level=level)
+                db, dname = self.alloc("sbuf", nt * P * ITEMSIZE[dt], f"{job.stage}_diag", env,
+                                       depth=level)
+                chunks = [(r0, min(rows_mm, rows - r0)) for r0 in range(0, rows, rows_mm)]
+                outs = [isa.AP("psum", psname, "float32",
+                               (ps + k * spec.psum_bank_bytes).addr(), ((1, P), (1, nr * C)))
+                        for k, (_, nr) in enumerate(chunks)]
+                self.diag_out[key] = (rows, chunks, outs) if direct else [
+                    isa.Instr.make("tensor_copy", "act", _rect_ap(acc_ap, r0, nr, 0, C), (o,))
+                    for (r0, nr), o in zip(chunks, outs)]
+                self.diag_acc[key] = st = (rows, chunks, outs, db, dname, t_cp * nt)
+        if st[0] == 0:
+            return 0
+        rows, chunks, outs, db, dname, t_cp = st
+        base["act"] += rows * C * t_cp / nt
+        tap, k = Lin(0), 1
+        for u in reversed(red):
+            tap, k = tap + env.lin[u].scale(k), k * nom[u]
+        d = isa.AP("sbuf", dname, dt, (db + tap.scale(P * ITEMSIZE[dt])).addr(), ((1, P), (1, P)))
+        self.emit_balanced(isa.Instr.make("tensor_scalar", "dve", d, (self.diag_iota(P), self.ap(
+            s, P, [], {})), op0="eq", scalar0=0.0, reverse0=False, op1="mul", scalar1="ap",
+            reverse1=False))
+        c0, c1 = cols or (0, C)
+        for (r0, nr), o in zip(chunks, outs):
+            grid = dataclasses.replace(o, dims=((1, P), (C, nr), (1, C)))
+            for at, z0, nz in zero:        # PSUM columns the resetting pass does not reach
+                at.append(isa.Instr.make("memset", "dve", _rect_ap(grid, 0, nr, z0, nz),
+                                         value=0.0))
+            if c1 > c0:
+                self.emit(isa.Instr.make("matmul", "pe", _rect_ap(grid, 0, nr, c0, c1 - c0),
+                                         (d, _rect_ap(xa, r0, nr, c0, c1 - c0)), **attrs))
+        return rows
+
+    def diag_direct(self, job: Job) -> bool:
+        """Are the tensor engine's rows of a scaled_acc tile stored straight from PSUM (an
+        fp32 HBM output of a [rows, cols] tile with nothing to add) instead of copied into
+        the acc tile first (act)?"""
+        return (isinstance(job.dest, HbmDest) and job.init is None and len(job.free) == 2
+                and self.tensors[job.dest.tensor].dtype == "float32")
+
+    def diag_iota(self, P: int) -> isa.AP:
+        """[P, P] float32 p - f (zero on the diagonal), once per job before its loops."""
+        key = ("__diag_iota__", P)
+        if key not in self.memo[1]:
+            body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
+            try:
+                self.hoisting = True
+                v = self.tile(P, ("__f",), {"__f": P}, "float32", "diag_iota", Env({}, {}),
+                              depth=1)
+                self.hoisting = False
+                ap = self.ap(v, P, ["__f"], {"__f": P})
+                self.emit(isa.Instr.make("iota", "pool", ap, base=0, pcoef=1, fcoefs=(-1,)))
+            finally:
+                self.body, self.trips, self.hoisting = body, trips, False
+            self.memo[1][key] = ap
+        return self.memo[1][key]
+
     def emit_matmul(self, job: Job, env: Env, ext, acc_mode, reset):
         st_ld, mv_ld = job.ops
         K, M = ext[job.contract], ext[job.part]
@@ -1994,6 +2229,30 @@ class Lowerer:
         self.emit_balanced(isa.Instr.make("tensor_copy", "dve", self.ap(out, K, list(v.deps), ext),
                                           (self.ap(v, K, list(v.deps), ext),)))
         return out
+
+
+def _flat_rects(a: int, b: int, C: int) -> list:
+    """Elements [a, b) of a row-major [*, C] block as (row, rows, col, cols) rectangles: a
+    partial first row, whole rows, a partial last row."""
+    out = []
+    r, c = divmod(a, C)
+    if c and a < b:
+        n = min(C - c, b - a)
+        out.append((r, 1, c, n))
+        a, r = a + n, r + 1
+    if b - a >= C:
+        out.append((r, (b - a) // C, 0, C))
+        r, a = r + (b - a) // C, a + (b - a) // C * C
+    if a < b:
+        out.append((r, 1, 0, b - a))
+    return out
+
+
+def _rect_ap(ap: isa.AP, r0: int, nr: int, c0: int, nc: int) -> isa.AP:
+    """Rows [r0, r0+nr) x columns [c0, c0+nc) of a [P, rows, cols] (or [P, cols]) AP."""
+    if len(ap.dims) == 2:
+        return _slice_ap(ap, 1, c0, nc)
+    return _slice_ap(_slice_ap(ap, 1, r0, nr), 2, c0, nc)
 
 
 def _subsets(items, r):
@@ -2177,7 +2436,7 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
         tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "output"))
     attached = {sched.prog.stage(ss.stage).tensor for ss in sched.state.stages if ss.attach}
     for t in prog.temps:
-        if t.name not in attached:
+        if t.name not in attached and t.name not in lw.unfilled:
             tensors.append(isa.TensorDecl(t.name, t.shape, t.dtype, "scratch"))
     body = assign_queues(tuple(lw.body[0]), spec)
     out = isa.Program(prog.name, tuple(tensors), body, tuple(lw.buffers))
@@ -2188,6 +2447,7 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
 def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
     """Lower every root stage (its attached producers inside) into a fresh Lowerer."""
     lw = Lowerer(prog, sched, spec, prior)
+    lw.pads = {name: (t, v, shape, lo) for t, v, name, shape, lo in pads}
     pad_by_src = {}
     for t, v, name, shape, lo in pads:
         pad_by_src.setdefault(t, []).append((v, name, shape, lo))
@@ -2198,9 +2458,11 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
             continue
         inside = [p for p in prog.stages   # stages computed inside this one read from HBM too
                   if sched.state.get(p.name).attach and sched.state.get(p.name).attach[0] == st.name]
+        fills = {}              # pad copy -> (body, buffers) before its fill
         for ld in [ld for x in (st, *inside) for ld in x.reads()]:
             for t, v, name, shape, lo in pads:
                 if ld.tensor == name and name not in filled:
+                    fills[name] = (len(lw.body[-1]), len(lw.buffers))
                     fill_padded(lw, t, v, name, shape, lo)
                     filled.add(name)
         job = make_job(lw, st, ss, None)
@@ -2209,6 +2471,16 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
         with lw.level():
             lw.run_job(job, Env({}, {}))
         job.hooks.clear()       # its closures refer to the job: break the cycle (else: GC)
+        for name, (at, nbuf) in reversed(fills.items()):
+            if name not in lw.hbm_reads:  # padded on chip (see _pad_on_chip): no HBM copy
+                fill = lw.body[-1][at:]
+                n_fill = next(k for k, i in enumerate(fill) if isinstance(i, isa.Instr)
+                              and i.op == "dma" and i.dst.mem == "hbm" and i.srcs[0].mem == "hbm")
+                del lw.body[-1][at:at + n_fill + 1]
+                bufs = {i.dst.name for i in fill[:n_fill] if isinstance(i, isa.Instr)}
+                lw.buffers[nbuf:] = [b for b in lw.buffers[nbuf:] if b.name not in bufs]
+                filled.discard(name)
+                lw.unfilled.add(name)
     return lw
 
 
@@ -2461,7 +2733,8 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
     (cache_read) or by evaluating the producer there (compute_at)."""
     k = job.loops.index(at) + 1
     inner = job.loops[k:]
-    for ld in _reads(job, tensor):
+    padded = [n for n, p in lw.pads.items() if p[0] == tensor]   # X.pad(v)[...] reads X_pad
+    for ld in _reads(job, tensor) + [ld for n in padded for ld in _reads(job, n)]:
         if job.contract:
             a, b = job.ops
             if ld == a:
@@ -2861,7 +3134,7 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
     inner = (part, *deps, *slots)
     for u in inner:
         sp = job.split_of.get(u)
-        if (sp is not None and sp.tail) or u in job.unroll:
+        if (sp is not None and sp.tail) or (u in job.unroll and u not in slots):
             return False
     coef = [{a: ix.coef(a) for a in inner if ix.coef(a)} for ix in ld.index]
     dp = [d for d, c in enumerate(coef) if part in c]
@@ -2869,13 +3142,17 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
         return False
     box = [(d, 1 + sum(c * (nom[a] - 1) for a, c in cd.items()))
            for d, cd in enumerate(coef) if cd and d != dp[0]]
+    clip = _clip_dim(lw, job, ld, part, deps, coef, box, inner) if producer is None else None
+    if clip is not None:        # the innermost dim holds the source's part only (see there)
+        box = [(d, clip[2] if d == clip[0] else e) for d, e in box]
     elems = 1
     for _, n in box:
         elems *= n
     t = lw.tensors[ld.tensor]
     size = elems * ITEMSIZE[t.dtype]
-    if elems >= slot_elems or size > lw.spec.sbuf_partition_bytes // 4:
-        return False
+    if elems > slot_elems or (elems == slot_elems and deps) \
+            or size > lw.spec.sbuf_partition_bytes // 4:
+        return False        # (a box as big as its slots: one load instead of one per slot)
     bstride, n = {}, 1
     for d, e in reversed(box):
         bstride[d] = n
@@ -2885,7 +3162,10 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
     ext = dict(env.ext)
     for a in (part, *deps):
         ext[a] = nom[a]
-    if producer is None:
+    if producer is None and _pad_on_chip(lw, ld, inner, dp[0], nom[part], box, bstride, base,
+                                         bname, env, clip):
+        pass
+    elif producer is None:
         fl = lw.flat(ld.tensor, ld.index)
         off = lw.split_affine(Affine(tuple((v, c) for v, c in fl.terms if v not in inner),
                                      fl.const), env)
@@ -2906,18 +3186,145 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
             lw.virtual(producer, dataclasses.replace(ld, index=index), part, bdeps, env, bext,
                        into=into)
 
+    vbase = base if clip is None else base + -clip[1] * bstride[clip[0]] * ITEMSIZE[t.dtype]
+    if clip is not None:        # padded coordinates [a, b) of the clipped dim are in the box
+        o = _pad_spans(lw, ld, inner, box)[clip[0]][0]
+        lw.clipped[bname] = (clip[0], o + clip[1], o + clip[1] + clip[2])
+
     def view(e, d_=deps):
-        b = base
+        b = vbase
         for u in slots:
             b = b + e.lin[u].scale(sum(cd.get(u, 0) * bstride.get(d, 0)
                                        for d, cd in enumerate(coef)) * ITEMSIZE[t.dtype])
         strides = tuple(sum(cd.get(f, 0) * bstride.get(d, 0) for d, cd in enumerate(coef))
                         for f in deps)
         return Val("sbuf", b, tuple(d_), strides, t.dtype, bname)
-    key_env = env
-    for u in slots:   # the consumer's loops over the slots bind these (extent 1: a constant)
-        key_env = key_env.bind(u, Lin.var(u) if lw.nominal(job, u, env) > 1 else Lin(0))
-    lw.memo[-1][lw.operand_key(ld, part, deps, key_env, ext)] = view
+    key_envs = [env]
+    for u in slots:   # the consumer's loops over the slots bind these (extent 1: a constant;
+        n = lw.nominal(job, u, env)       # unrolled: each value)
+        vals = [Lin(c) for c in range(n)] if u in job.unroll else \
+            [Lin.var(u) if n > 1 else Lin(0)]
+        key_envs = [k.bind(u, v) for k in key_envs for v in vals]
+    for key_env in key_envs:
+        lw.memo[-1][lw.operand_key(ld, part, deps, key_env, ext)] = view
+    return True
+
+
+def _pad_spans(lw: Lowerer, ld: Load, inner, box) -> dict | None:
+    """{box dim: (box start, interior start, interior end)} in the padded copy's coordinates
+    for a read of a padded copy whose box sits at a fixed place (see _pad_on_chip); None
+    when it does not, or a dim outside the box is padded."""
+    pad = lw.pads.get(ld.tensor)
+    if pad is None:
+        return None
+    src, _, _, lo = pad
+    sshape = lw.tensors[src].shape
+    where = dict(box)
+    span = {}
+    for d, ix in enumerate(ld.index):
+        o = Affine(tuple((v, c) for v, c in ix.terms if v not in inner), ix.const)
+        if d in where:
+            if o.terms:
+                return None
+            span[d] = (o.const, max(o.const, lo[d]), min(o.const + where[d], lo[d] + sshape[d]))
+        elif lo[d] or lw.tensors[ld.tensor].shape[d] != sshape[d]:
+            return None
+    return span
+
+
+def _clip_dim(lw: Lowerer, job: Job, ld: Load, part: str, deps, coef, box, inner):
+    """(dim, shift, extent) when the box of a padded read can leave out the padding of its
+    innermost dim: each row of the box is then one contiguous run of the source (one DMA
+    chunk per partition instead of one per row) and the consumer clips each tap to the
+    output columns that read inside the source (Lowerer.scaled_acc, with the tap loop of
+    that dim unrolled so each tap has its own columns). Only for that consumer: a sum of
+    `ld` times a per-partition scalar. None: keep the padded layout."""
+    e = job.value
+    d = len(ld.index) - 1
+    if (not deps or len(deps) > 2 or job.reduce != "add" or job.red_free
+            or not isinstance(e, Binary) or e.op != "mul" or ld not in (e.a, e.b)
+            or box[-1][0] != d or tuple(deps) != tuple(job.free)):
+        return None
+    w = e.b if ld == e.a else e.a       # per-partition (not broadcast: its value is in SBUF)
+    if (not isinstance(w, Load) or not lw.scalar_valued(w, job.free)
+            or not any(ix.coef(part) for ix in w.index)):
+        return None
+    f = deps[-1]
+    if set(coef[d]) - {f} - set(job.unroll) or coef[d].get(f, 0) < 1:
+        return None
+    span = _pad_spans(lw, ld, inner, box)
+    if span is None:
+        return None
+    o, a, b = span[d]
+    if b <= a or (a, b) == (o, o + box[-1][1]):
+        return None
+    return d, a - o, b - a
+
+
+def _pad_on_chip(lw: Lowerer, ld: Load, inner, dp: int, P: int, box, bstride, base, bname,
+                 env: Env, clip=None) -> bool:
+    """The box of a zero-padded read (`ld` reads the padded copy of a tensor, see
+    pad_tensors) filled on chip: the part of the box inside the source tensor by one DMA from
+    the source, the border by memsets of the pad value; the padded copy in HBM is then never
+    needed. Only when the box sits at a fixed place in every padded dimension (a whole padded
+    plane per tile) and the other dimensions are not padded. False: nothing emitted."""
+    span = _pad_spans(lw, ld, inner, box)  # box dim -> (box start, interior start, end)
+    if span is None:
+        return False
+    src, value, _, lo = lw.pads[ld.tensor]
+    sshape = lw.tensors[src].shape
+    dtype = lw.tensors[src].dtype
+    where = dict(box)
+    outer = [Affine(tuple((v, c) for v, c in ix.terms if v not in inner), ix.const)
+             for ix in ld.index]
+    if clip is not None:                   # that dim holds the interior only
+        a = span[clip[0]][0] + clip[1]
+        span[clip[0]] = (a, a, a + clip[2])
+    size = ITEMSIZE[dtype]
+
+    def region(lims, at=base):             # SBUF AP of the box region {d: (start, stop)}
+        off = at + sum((lims[d][0] - span[d][0]) * bstride[d] for d in span) * size
+        return isa.AP("sbuf", bname, dtype, off.addr(),
+                      ((1, P),) + tuple((bstride[d], lims[d][1] - lims[d][0]) for d, _ in box))
+    # the border never changes (only this fill writes the box, the DMA only its interior):
+    # set it before the enclosing loops, once per buffer slot, when the box sits at fixed
+    # slots (else here, where a compute engine would take it after the last tile's work)
+    outside = len(lw.body) - 1 - len(env.loops)
+    slots = [()]
+    if env.loops and outside >= 0 and all(m for _, _, m in base.terms):
+        for v, c, m in base.terms:
+            slots = [x + (c * k,) for x in slots for k in range(m)]
+    else:
+        outside = None
+    # the border: for each box dim, the slabs before and after the interior, inside the
+    # interior along the earlier dims and whole along the later ones
+    order = [d for d, _ in box]
+    for k, d in enumerate(order):
+        o, a, b = span[d]
+        for lo_, hi_ in ((o, min(a, o + where[d])), (max(b, o), o + where[d])):
+            if hi_ <= lo_:
+                continue
+            lims = {e: (span[e][1], span[e][2]) if i < k else (span[e][0], span[e][0] + where[e])
+                    for i, e in enumerate(order)}
+            lims[d] = (lo_, hi_)
+            if not all(lims[e][1] > lims[e][0] for e in order):
+                continue
+            if outside is None:
+                lw.emit_balanced(isa.Instr.make("memset", "pool", region(lims), value=value))
+                continue
+            for x in slots:
+                lw.body[outside].append(isa.Instr.make(
+                    "memset", "pool", region(lims, Lin(base.const + sum(x))), value=value))
+    if all(span[d][2] > span[d][1] for d in order):
+        sstride = _strides(sshape)
+        terms = tuple((v, c * sstride[d]) for d, o in enumerate(outer) if d not in where
+                      for v, c in o.terms)
+        const = sum((span[d][1] - lo[d] if d in where else outer[d].const - lo[d]) * sstride[d]
+                    for d in range(len(sshape)))
+        off = lw.split_affine(Affine(terms, const), env)
+        lw.dma(region({d: (span[d][1], span[d][2]) for d in order}),
+               isa.AP("hbm", src, dtype, off.addr(), ((sstride[dp], P),) +
+                      tuple((sstride[d], span[d][2] - span[d][1]) for d in order)))
     return True
 
 
@@ -3020,7 +3427,36 @@ class CompiledKernel:
         return res[0] if len(res) == 1 else res
 
     def simulate(self, trace: bool = False):
-        return sim.simulate(self.program, self.spec, trace=trace)
+        """The timing report; its roofline counts the algorithm's work (see roofline)."""
+        return self.roofline(sim.simulate(self.program, self.spec, trace=trace))
+
+    def roofline(self, r):
+        """The report's roofline with the matmul term cut to the contractions the algorithm
+        asks for (tensorized stages: 2 x their loop extents): instructions the lowering
+        adds on the tensor engine -- diagonal weights standing in for a vector engine
+        (Lowerer.diag_rows), broadcasts of a row (ones^T @ row) -- spend its time but are
+        not work the problem needs, so they must not move the bound. Unchanged when the
+        program's matmul flops do not exceed the algorithm's."""
+        isa_flops, isa_s = 0, 0.0
+        for ins, loops in isa.walk_instrs(self.program.body):
+            if ins.op == "matmul":
+                n = math.prod(lp.extent for lp in loops) * 2 * ins.srcs[1].partitions \
+                    * ins.srcs[0].free_size * ins.srcs[1].free_size
+                isa_flops += n
+                isa_s += n / self.spec.peak_flops(ins.srcs[0].dtype)
+        sched = self.schedule
+        alg = sum(2 * math.prod(st.extents().values()) for st in sched.prog.stages
+                  if sched.state.get(st.name).tensorized)
+        if isa_flops <= alg:
+            return r
+        compulsory = sum(ITEMSIZE[t.dtype] * math.prod(t.shape) for t in self.program.tensors
+                         if t.kind in ("input", "output"))
+        mem_s = compulsory / (self.spec.dma_gbps * 1e9)
+        mm_s = isa_s * alg / isa_flops
+        roof = max(mm_s, mem_s) * 1e6
+        return dataclasses.replace(r, roofline_us=roof, roofline_fraction=min(
+            1.0, roof / r.time_us) if r.time_us > 0 else 1.0,
+            bound="compute" if mm_s >= mem_s else "memory")
 
 
 def build(sched: Schedule, machine="trn2") -> CompiledKernel:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import kernels
+import sim
 import tensorlang as tl
 from kernels import _library
 from kernels.shapes import SHAPES, workload
@@ -104,6 +105,79 @@ def test_conv2d_and_depthwise(xs, ws, stride, padding, dilation):
     ref = np.concatenate([conv_ref(X[:, c:c + 1], Wd[c][None, None], **st)
                           for c in range(xs[1])], 1)
     check(kernels.depthwise_conv2d, (X, Wd), ref, "bfloat16", **st)
+
+
+DEPTHWISE = [((1, 256, 24, 24), 3, 1, 1, 1, "bfloat16"), ((2, 160, 9, 11), 3, 2, 1, 1, "bfloat16"),
+             ((1, 128, 10, 10), 5, 1, 2, 1, "float32"), ((2, 64, 8, 8), 3, 1, 0, 1, "bfloat16"),
+             ((1, 96, 11, 9), 3, 1, 2, 2, "bfloat16"), ((1, 128, 7, 7), 5, 2, 3, 1, "bfloat16"),
+             ((2, 128, 23, 25), 5, 1, 2, 1, "float32"), ((1, 64, 40, 30), 3, 2, 1, 1, "bfloat16"),
+             ((2, 192, 50, 44), 3, 1, 1, 1, "bfloat16")]   # tensor-engine rows stored from PSUM
+
+
+@pytest.mark.parametrize("xs,k,stride,padding,dilation,dtype", DEPTHWISE)
+def test_depthwise_planes(xs, k, stride, padding, dilation, dtype):
+    """The whole-plane template: the padded plane on chip, one pass per tap split over the
+    engines; several channel tiles, batches, strides, paddings (also wider than the taps
+    reach) and dtypes."""
+    X, Wd = R(xs, dtype), R((xs[1], k, k), dtype, seed=2)
+    st = dict(stride=stride, padding=padding, dilation=dilation)
+    ref = np.concatenate([conv_ref(X[:, c:c + 1], Wd[c][None, None], **st)
+                          for c in range(xs[1])], 1)
+    kc = check(kernels.depthwise_conv2d, (X, Wd), ref, dtype, **st)
+    asm = kc.asm()
+    assert "X_pad" not in asm.split("loop")[0].split("buffer")[0]   # no padded copy in HBM
+    assert "tensor_reduce" not in asm                                # one pass per tap
+    # the roofline is the problem's: HBM bytes (the diagonal matmuls are not work it needs)
+    r = kc.simulate()
+    hbm = sum(a.nbytes for a in (X, Wd)) + ref.size * 4
+    assert r.bound == "memory" and r.roofline_us == pytest.approx(
+        hbm / (sim.machine("trn2").dma_gbps * 1e3), rel=1e-9)
+
+
+def test_padded_plane_taps_with_shared_or_constant_weights():
+    """The plane schedule on sums whose weight is not per channel (one filter for every
+    channel, a constant): the box keeps its padding columns then (no clipped taps), values
+    still equal numpy."""
+    @tl.kernel
+    def shared(X, F):
+        C, H, W = X.shape
+        Y = tl.tensor((C, H, W), "float32")
+        for c, h, w in tl.grid(C, H, W):
+            Y[c, h, w] = 0.0
+            for kh, kw in tl.reduce(3, 3):
+                Y[c, h, w] += X.pad(0.0)[c, h + kh - 1, w + kw - 1] * F[kh, kw]
+        return Y
+
+    @tl.kernel
+    def box_sum(X):
+        C, H, W = X.shape
+        Y = tl.tensor((C, H, W), "float32")
+        for c, h, w in tl.grid(C, H, W):
+            Y[c, h, w] = 0.0
+            for kh, kw in tl.reduce(3, 3):
+                Y[c, h, w] += X.pad(0.0)[c, h + kh - 1, w + kw - 1] * 0.5
+        return Y
+
+    X, F = R((256, 20, 30)), R((3, 3), seed=1)
+    Xp = np.pad(f32(X), ((0, 0), (1, 1), (1, 1)))
+    win = [Xp[:, kh:kh + 20, kw:kw + 30] for kh in range(3) for kw in range(3)]
+    for kern, args, w in ((shared, (X, F), f32(F).ravel()), (box_sum, (X,), [0.5] * 9)):
+        prog = kern.trace(*args)
+        s = prog.schedule()
+        c, h, w_ = s.axes("Y")
+        kh, kw = s.reduce_axes("Y")
+        co, ci = s.split(c, 128)
+        s.reorder(co, kh, kw, ci, h, w_)
+        s.partition(ci)
+        s.vectorize(h)
+        s.vectorize(w_)
+        s.pipeline(kh, 1)
+        s.unroll(kw)
+        s.cache_read("X", "sbuf", co)
+        k = s.build()
+        assert "X_pad_box" in k.asm() and "X_pad scratch" not in k.asm()
+        expect = sum(np.float32(wk) * x for wk, x in zip(w, win))
+        assert_close(k.run(*args), expect, "bfloat16", what=kern.name)
 
 
 # -- norms -----------------------------------------------------------------------------------------
