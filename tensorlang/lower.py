@@ -643,13 +643,13 @@ class Lowerer:
             if count == 1 or u in job.unroll:
                 for c in range(start, start + count):
                     e = env.bind(u, Lin(c), **extra)
-                    if job.pipe.get(u) == 1:     # no rotation over the enclosing loops
+                    if job.pipe.get(u) == 1 and job.kind.get(u) == "spatial":   # one slot
                         e.pipe = {**e.pipe, SINGLE: len(e.loops)}
                     body(e)
             else:
                 e = env.bind(u, Lin.var(u) + start if start else Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
-                if u in job.pipe:
+                if u in job.pipe and (job.pipe[u] > 1 or job.kind.get(u) == "spatial"):
                     e.pipe = {**e.pipe, u: job.pipe[u]}
                 self.loop(u, count, lambda e=e: body(e))
 
@@ -2650,9 +2650,11 @@ def _map_dmas(nodes, fn) -> list:
 
 def _rotation(env: Env):
     """(loop, slots) a buffer allocated here rotates over: the innermost enclosing loop with
-    a pipeline depth, when that depth is 2 or more (a depth of 1 inside a pipelined loop
-    keeps what that inner loop allocates single-buffered, also when it runs once or
-    unrolled: env.pipe[SINGLE] then counts the ISA loops outside it); None: one slot."""
+    a pipeline depth, when that depth is 2 or more (a depth of 1 on a spatial loop inside a
+    pipelined loop keeps what that inner loop allocates single-buffered, also when it runs
+    once or unrolled: env.pipe[SINGLE] then counts the ISA loops outside it; on a reduction
+    loop a depth of 1 only keeps it a loop: Lowerer.bind_loop does not record it); None: one
+    slot."""
     for k in range(len(env.loops) - 1, env.pipe.get(SINGLE, 0) - 1, -1):
         v = env.loops[k]
         if v in env.pipe:
@@ -2697,7 +2699,9 @@ def add_hooks(lw: Lowerer, job: Job, st: Stage, sched: Schedule):
     for c in sched.state.cache_reads:
         if c.stage == st.name:
             at = atom(c.at)
-            hook = hoist if _reads(job, c.tensor) else _attached_cache
+            padded = [n for n, p in lw.pads.items() if p[0] == c.tensor]  # X.pad(v) reads
+            direct = _reads(job, c.tensor) or any(_reads(job, n) for n in padded)
+            hook = hoist if direct else _attached_cache
             job.hooks.setdefault(at, []).append(
                 lambda env, c=c, at=at, hook=hook: hook(lw, job, c.tensor, at, env, producer=None))
     for ps in sched.state.stages:
