@@ -135,7 +135,7 @@ class Job:
     ops: tuple | None = None       # tensorized: (stationary load, moving load)
     mm_dtype: str = "bfloat16"     # tensorized: matmul input dtype
     direct: bool = False           # the acc tile is the destination (no store nest)
-    epilogue: tuple | None = None  # (consumer job, key of its read): see _matmul_fill
+    epilogue: tuple | None = None  # (consumer job, its read of this stage): _matmul_fill
     emitted: set = field(default_factory=set)  # loops whose inner nest a hook emitted
 
 
@@ -799,7 +799,8 @@ class Lowerer:
         else:
             out = acc
         if job.epilogue is not None:    # the consumer's tile, computed from this one
-            cjob, key = job.epilogue
+            cjob, ld = job.epilogue     # its read of this tile (at this tile's extents)
+            key = self.operand_key(ld, job.part, tuple(job.free), env, ext)
             with self.level():
                 self.memo[-1][key] = lambda e, d, v=out: v.with_deps(d, v.key)
                 self.emit_tile(cjob, Env({k: x for k, x in env.lin.items() if k != "__acc__"},
@@ -2706,8 +2707,7 @@ def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part
     the consumer's own loops inside `at` are not emitted. False: not such a fill (no slots,
     tails, not tensorized)."""
     ss = lw.sched.state.get(producer.name)
-    if not ss.tensorized or not slots or any(
-            (sp := job.split_of.get(u)) is not None and sp.tail for u in slots):
+    if not ss.tensorized or not slots:
         return False
     axis_of_dim = [ix.terms[0][0] for ix in producer.index]
     m = {axis_of_dim[d]: ld.index[d] for d in range(len(ld.index))}
@@ -2720,11 +2720,15 @@ def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part
     inner = [u for u in slots if uses(st_ld, u) and not uses(mv_ld, u)]
     outer = [u for u in slots if u not in inner]
     red = list(pj.loops)
-    if not red:
-        return False
+    tailed = [sp for u in slots if (sp := job.split_of.get(u)) is not None and sp.tail]
+    if not red or any(sp.outer not in outer for sp in tailed) or (tailed and slot_val):
+        return False        # a tail only on an outer slot loop, and with no slot buffer
     pj.loops = outer + red + inner
     pj.kind.update({u: "spatial" for u in slots})
     pj.root_ext.update({u: nom[u] for u in slots})
+    for sp in tailed:       # bind_loop peels the tail iteration (the tile atom narrower)
+        pj.split_of[sp.outer] = sp
+        pj.root_ext[sp.parent] = lw.ext_of(job, sp.parent, env)
     pj.pipe.update({u: d for u, d in job.pipe.items() if u in slots})
     pj.acc_level = len(outer)
     ext = dict(env.ext)
@@ -2732,7 +2736,7 @@ def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part
         ext[a] = nom[a]
     key = lw.operand_key(ld, part, deps, env, ext)
     if slot_val is None:        # the consumer's tiles are computed as the accumulators end
-        pj.epilogue = (job, key)
+        pj.epilogue = (job, ld)
         job.emitted.add(at)
     else:
         e0 = Env(dict(env.lin), dict(env.ext), env.loops, dict(env.pipe))
