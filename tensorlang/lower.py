@@ -2732,8 +2732,9 @@ def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part
     pj.pipe.update({u: d for u, d in job.pipe.items() if u in slots})
     pj.acc_level = len(outer)
     ext = dict(env.ext)
-    for a in (part, *deps):
-        ext[a] = nom[a]
+    for a in (part, *deps):     # this iteration's extent (a tail of a slot loop: bound inside)
+        sp = job.split_of.get(a)
+        ext[a] = nom[a] if sp is not None and sp.outer in slots else lw.ext_of(job, a, env)
     key = lw.operand_key(ld, part, deps, env, ext)
     if slot_val is None:        # the consumer's tiles are computed as the accumulators end
         pj.epilogue = (job, ld)
