@@ -128,8 +128,9 @@ bmm_algo.name = "bmm"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 4, "pj": 2, "cache_a": True}
-EPI = {**DEFAULT, "nj": 8, "pi": 4}     # column tiles per pass over a row block (its H slots in SBUF)
+DEFAULT = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 4, "pj": 2, "cache_a": True,
+           "pi": 4}
+EPI = {**DEFAULT, "nj": 8}     # column tiles of a row block per pass (a tail-free split)
 SIMPLE = {"mt": 128, "nt": 512, "kt": 128, "mi": 1, "pipe": 2, "pj": 1, "cache_a": False}
 
 
@@ -159,6 +160,8 @@ def tile_matmul(s, stage: str, cfg: dict, a: str, b: str):
         s.pipeline(jo, cfg["pj"])
     if cfg.get("pa", 1) > 1 and cfg["cache_a"] and ext(s, ioo) > 1:  # prefetch next A block
         s.pipeline(ioo, cfg["pa"])
+    if ioi is not None and cfg.get("pi", 1) > 1:   # each row tile's output tile its own slot
+        s.pipeline(ioi, min(cfg["pi"], ext(s, ioi)))
     if ioi is not None:
         s.cache_read(b, "sbuf", ko)
     if cfg["cache_a"]:
