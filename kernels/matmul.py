@@ -225,6 +225,10 @@ def epilogue_unfused(s, cfg):
 
 
 SINGLE = (("expert", template, DEFAULT), ("simple", template, SIMPLE))
+# bmm: a batch's A block is transposed at its start (PE in order, so not overlapped): whole
+# batches of rows (B read once) and deep B / output pipelines keep that stall short
+BMM = {**DEFAULT, "mi": 8, "pj": 1, "pi": 8, "pipe": 8}
+BATCHED = (("expert", template, BMM),) + SINGLE
 EPILOGUE = (("fused", epilogue_template, EPI), ("unfused", epilogue_unfused, DEFAULT),
             ("simple", epilogue_unfused, SIMPLE))
 
@@ -239,4 +243,4 @@ matmul = KernelFn("matmul", matmul_algo, _templates,
 linear = KernelFn("linear", linear_algo, EPILOGUE, "Y = act(X @ W + b): the fused linear layer")
 matmul_add = KernelFn("matmul_add", matmul_add_algo, EPILOGUE,
                       "Y = act(A @ B) + R: matmul with a fused residual add")
-bmm = KernelFn("bmm", bmm_algo, SINGLE, "C[b] = A[b] @ B[b]: batched matmul")
+bmm = KernelFn("bmm", bmm_algo, BATCHED, "C[b] = A[b] @ B[b]: batched matmul")
