@@ -2752,6 +2752,9 @@ def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part
         env2.ext[a] = ext[a]
     cached = [c.tensor for c in lw.sched.state.cache_reads
               if c.stage == job.stage and c.at == at and _reads(pj, c.tensor)]
+    if isinstance(pj.init, Load) and not any(ix.coef(part) for ix in pj.init.index) \
+            and pj.init.tensor not in cached and pj.init.tensor not in lw.stage_of_tensor:
+        cached.append(pj.init.tensor)   # a bias row b[j]: loaded once per block, not per tile
     if mv_ld.tensor not in cached and not any(uses(mv_ld, u) for u in inner):
         pj.hooks[red[0]] = [lambda e: hoist(lw, pj, mv_ld.tensor, red[0], e, producer=None)]
     with lw.level():
