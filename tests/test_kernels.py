@@ -28,7 +28,8 @@ def gelu(x):
 
 
 def silu(x):
-    return x / (1 + np.exp(-x))
+    with np.errstate(over="ignore"):      # exp of a large negative x: inf, silu -> -0
+        return x / (1 + np.exp(-x))
 
 
 ACT = {None: lambda x: x, "relu": lambda x: np.maximum(x, 0), "gelu": gelu, "silu": silu}
@@ -96,6 +97,20 @@ def test_fused_epilogue_reads_psum_and_shares_b_tiles():
         + bias
     ops = {(i.op, tuple(a.mem for a in i.srcs)) for i, _ in walk_instrs(kern.program.body)}
     assert ("tensor_tensor", ("sbuf", "psum")) in ops      # b + acc, straight from PSUM
+
+
+def test_fused_matmul_fill_into_a_slot_buffer_when_the_consumer_has_inner_hooks():
+    """A cache_read inside the block loop keeps the consumer's own loops: the block's
+    accumulators then go to an SBUF slot buffer (one per column and row tile) first."""
+    import importlib  # noqa: PLC0415
+    mm_mod = importlib.import_module("kernels.matmul")   # (kernels.matmul is the KernelFn)
+    A, B, Rr = R((512, 256)), R((256, 1024), seed=1), R((512, 1024), seed=3)
+    s = kernels.matmul_add.trace(A, B, Rr).schedule(machine="trn2")
+    mm_mod.epilogue_template(s, dict(mm_mod.EPI))
+    s.cache_read("R", "sbuf", next(v for v in s.loops("C") if v.startswith("jo")))
+    k = s.build("trn2")
+    assert "buffer H_cache" in k.asm()
+    assert_close(k.run(A, B, Rr), f32(A) @ f32(B) + f32(Rr), "bfloat16")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float8_e4m3"])
