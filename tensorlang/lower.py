@@ -2684,9 +2684,11 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
 def _epilogue_ok(lw: Lowerer, job: Job, tensor: str, at: str, slots) -> bool:
     """Whether root `job` can be computed tile by tile inside a _matmul_fill at loop `at`
     (slot_val None): every loop inside `at` is a slot loop (the producer's tile is the
-    job's), with no hooks, and the job reads the producer once and reduces nothing."""
+    job's), with no hooks, the job reads the producer once, reduces nothing and has no other
+    stage computed at it."""
     inner = job.loops[job.loops.index(at) + 1:]
-    return (job.reduce is None and job.acc_level == len(job.loops) and inner == list(slots)
+    attached = [p for p, (c, _) in lw.attached.items() if c == job.stage]
+    return (len(attached) == 1 and job.reduce is None and job.acc_level == len(job.loops) and inner == list(slots)
             and not any(job.hooks.get(u) for u in inner) and isinstance(job.dest, HbmDest)
             and len(_reads(job, tensor)) == 1)
 
@@ -2704,8 +2706,8 @@ def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part
     goes to its slot when its contraction ends (bias init applied there), while the next
     slots accumulate; with `slot_val` None (see _epilogue_ok) the consumer's tile is computed
     right there from the accumulator instead (the epilogue reads PSUM; no slot buffer) and
-    the consumer's own loops inside `at` are not emitted. False: not such a fill (no slots,
-    tails, not tensorized)."""
+    the consumer's own loops inside `at` are not emitted. False: not such a fill (not
+    tensorized, no slots, or a tail on an inner slot loop or with a slot buffer)."""
     ss = lw.sched.state.get(producer.name)
     if not ss.tensorized or not slots:
         return False
@@ -2721,7 +2723,8 @@ def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part
     outer = [u for u in slots if u not in inner]
     red = list(pj.loops)
     tailed = [sp for u in slots if (sp := job.split_of.get(u)) is not None and sp.tail]
-    if not red or any(sp.outer not in outer for sp in tailed) or (tailed and slot_val):
+    if not red or any(sp.outer not in outer for sp in tailed) or (
+            tailed and slot_val is not None):
         return False        # a tail only on an outer slot loop, and with no slot buffer
     pj.loops = outer + red + inner
     pj.kind.update({u: "spatial" for u in slots})
