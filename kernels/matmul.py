@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tensorlang as tl
 
-from ._library import KernelFn, fit
+from ._library import KernelFn, divisor, fit
 
 ACTS = {None: None, "none": None, "relu": tl.relu, "gelu": tl.gelu, "silu": tl.silu}
 
@@ -128,7 +128,9 @@ bmm_algo.name = "bmm"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 4, "pj": 2, "cache_a": True}
+DEFAULT = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 4, "pj": 2, "cache_a": True,
+           "pi": 4}
+EPI = {**DEFAULT, "nj": 8}     # column tiles of a row block per pass (a tail-free split)
 SIMPLE = {"mt": 128, "nt": 512, "kt": 128, "mi": 1, "pipe": 2, "pj": 1, "cache_a": False}
 
 
@@ -158,6 +160,8 @@ def tile_matmul(s, stage: str, cfg: dict, a: str, b: str):
         s.pipeline(jo, cfg["pj"])
     if cfg.get("pa", 1) > 1 and cfg["cache_a"] and ext(s, ioo) > 1:  # prefetch next A block
         s.pipeline(ioo, cfg["pa"])
+    if ioi is not None and cfg.get("pi", 1) > 1:   # each row tile's output tile its own slot
+        s.pipeline(ioi, min(cfg["pi"], ext(s, ioi)))
     if ioi is not None:
         s.cache_read(b, "sbuf", ko)
     if cfg["cache_a"]:
@@ -171,12 +175,29 @@ def template(s, cfg):
 
 
 def epilogue_template(s, cfg):
-    """Expert schedule with a fused epilogue: C is tiled like the matmul, the accumulation H
-    is computed on chip inside C's output-tile loop (compute_at), never stored to HBM."""
+    """Expert schedule with a fused epilogue: C is tiled like the plain matmul (row blocks of
+    `mi` row tiles, `nj` column tiles of a block per pass) and the accumulation H is computed
+    on chip at the block loop (compute_at): lowering lays it out like the plain matmul (k
+    steps outside the row tiles, each B tile shared by them, the block's A rows cached and
+    transposed once), each accumulator evacuated to SBUF as it completes; the epilogue runs
+    per output tile from there. H never goes to HBM."""
+    a = s.prog.inputs[0].name
     i, j = s.axes("C")
     io, ii = s.split(i, fit(ext(s, i), cfg["mt"]))
     jo, ji = s.split(j, fit(ext(s, j), cfg["nt"]))
-    s.reorder(io, jo, ii, ji)
+    blk = io
+    if ext(s, i) % ext(s, ii) == 0 and cfg["mi"] > 1 and ext(s, io) > 1:
+        ioo, ioi = s.split(io, fit(ext(s, io), cfg["mi"]))
+        blk = ioo
+    else:
+        ioo, ioi = io, None
+    if ext(s, j) % ext(s, ji) == 0 and ext(s, jo) > cfg["nj"]:
+        joo, joi = s.split(jo, divisor(ext(s, jo), cfg["nj"]))
+        s.reorder(ioo, joo, joi, *([ioi] if ioi else []), ii, ji)
+        blk = joo
+    else:
+        joo, joi = None, jo
+        s.reorder(ioo, jo, *([ioi] if ioi else []), ii, ji)
     s.partition(ii)
     s.vectorize(ji)
     (k,) = s.reduce_axes("H")
@@ -184,7 +205,13 @@ def epilogue_template(s, cfg):
     s.tensorize(ki, "matmul")
     if cfg["pipe"] > 1 and ext(s, ko) > 1:
         s.pipeline(ko, cfg["pipe"])
-    s.compute_at("H", jo)
+    if cfg.get("pj", 1) > 1 and ext(s, joi) > 1:   # double-buffer the PSUM accumulators
+        s.pipeline(joi, cfg["pj"])
+    if ioi is not None and cfg.get("pi", 1) > 1:    # the epilogue tiles (R) of each row tile
+        s.pipeline(ioi, min(cfg["pi"], ext(s, ioi)))
+    s.compute_at("H", blk)
+    if cfg["cache_a"]:
+        s.cache_read(a, "sbuf", blk)
 
 
 def epilogue_unfused(s, cfg):
@@ -198,7 +225,11 @@ def epilogue_unfused(s, cfg):
 
 
 SINGLE = (("expert", template, DEFAULT), ("simple", template, SIMPLE))
-EPILOGUE = (("fused", epilogue_template, DEFAULT), ("unfused", epilogue_unfused, DEFAULT),
+# bmm: a batch's A block is transposed at its start (PE in order, so not overlapped): whole
+# batches of rows (B read once) and deep B / output pipelines keep that stall short
+BMM = {**DEFAULT, "mi": 8, "pj": 1, "pi": 8, "pipe": 8}
+BATCHED = (("expert", template, BMM),) + SINGLE
+EPILOGUE = (("fused", epilogue_template, EPI), ("unfused", epilogue_unfused, DEFAULT),
             ("simple", epilogue_unfused, SIMPLE))
 
 
@@ -212,4 +243,4 @@ matmul = KernelFn("matmul", matmul_algo, _templates,
 linear = KernelFn("linear", linear_algo, EPILOGUE, "Y = act(X @ W + b): the fused linear layer")
 matmul_add = KernelFn("matmul_add", matmul_add_algo, EPILOGUE,
                       "Y = act(A @ B) + R: matmul with a fused residual add")
-bmm = KernelFn("bmm", bmm_algo, SINGLE, "C[b] = A[b] @ B[b]: batched matmul")
+bmm = KernelFn("bmm", bmm_algo, BATCHED, "C[b] = A[b] @ B[b]: batched matmul")

@@ -207,7 +207,7 @@ def rms_matmul_unfused(s, cfg):
     tile_matmul(s, "C", cfg, "Xn", "W")
 
 
-MM = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 3, "pj": 2, "px": 1, "cache_a": True}
+MM = {"mt": 128, "nt": 512, "kt": 128, "mi": 4, "pipe": 4, "pj": 2, "px": 4, "cache_a": True}
 NORM = (("expert", template, DEFAULT), ("unfused", unfused, DEFAULT))
 
 softmax = KernelFn("softmax", softmax_algo, NORM, "row-wise softmax of X [M, N]")

@@ -137,6 +137,8 @@ class Job:
     ops: tuple | None = None       # tensorized: (stationary load, moving load)
     mm_dtype: str = "bfloat16"     # tensorized: matmul input dtype
     direct: bool = False           # the acc tile is the destination (no store nest)
+    epilogue: tuple | None = None  # (consumer job, its read of this stage): _matmul_fill
+    emitted: set = field(default_factory=set)  # loops whose inner nest a hook emitted
 
 
 @dataclass(frozen=True)
@@ -673,7 +675,8 @@ class Lowerer:
             with self.level():
                 for hook in job.hooks.get(u, ()):
                     hook(e)
-                self.emit_loops(job, k + 1, e)
+                if u not in job.emitted:
+                    self.emit_loops(job, k + 1, e)
         self.bind_loop(job, u, env, inside)
 
     # -- accumulator and store ---------------------------------------------------------------
@@ -827,6 +830,14 @@ class Lowerer:
                               dst_dtype=job.out_dtype)
         else:
             out = acc
+        if job.epilogue is not None:    # the consumer's tile, computed from this one
+            cjob, ld = job.epilogue     # its read of this tile (at this tile's extents)
+            key = self.operand_key(ld, job.part, tuple(job.free), env, ext)
+            with self.level():
+                self.memo[-1][key] = lambda e, d, v=out: v.with_deps(d, v.key)
+                self.emit_tile(cjob, Env({k: x for k, x in env.lin.items() if k != "__acc__"},
+                                         dict(env.ext), env.loops, dict(env.pipe)))
+            return
         self.write_dest(job, out, env, ext)
 
     def write_dest(self, job: Job, v, env: Env, ext):
@@ -2734,8 +2745,9 @@ def _reads(job: Job, tensor: str) -> list[Load]:
 def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
     """At loop `at` of `job`: fill a buffer with every tile of `tensor` that the job's tiles
     read inside `at` (one slot per iteration of the inner loops the read depends on), by DMA
-    (cache_read) or by evaluating the producer there (compute_at)."""
-    k = job.loops.index(at) + 1
+    (cache_read) or by evaluating the producer there (compute_at). `at` None: at the start
+    of the job, outside all its loops."""
+    k = job.loops.index(at) + 1 if at is not None else 0
     inner = job.loops[k:]
     padded = [n for n, p in lw.pads.items() if p[0] == tensor]   # X.pad(v)[...] reads X_pad
     for ld in _reads(job, tensor) + [ld for n in padded for ld in _reads(job, n)]:
@@ -2768,6 +2780,9 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                 f"compute_at of {producer.name!r} at {job.stage}.{at}")
         if _box_fill(lw, job, ld, part, deps, slots, nom, nslots * per, env, what, producer):
             continue
+        if producer is not None and _epilogue_ok(lw, job, tensor, at, slots) and _matmul_fill(
+                lw, job, ld, producer, at, part, deps, slots, nom, None, lw.memo[-1], env):
+            continue
         base, bname = lw.alloc("sbuf", nslots * per * ITEMSIZE[dtype], f"{tensor}_cache", env,
                                what)
         slot_stride, s = {}, per
@@ -2793,6 +2808,9 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
             continue
         if producer is None and _staged_fill(lw, job, ld, part, deps, slots, nom, slot_val, memo,
                                              env):
+            continue
+        if producer is not None and _matmul_fill(lw, job, ld, producer, at, part, deps, slots,
+                                                 nom, slot_val, memo, env):
             continue
 
         def fill(e, i=0):
@@ -2937,6 +2955,92 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 lw.transpose_into(nat, into, part, f, ext2, env_t, engine)
             each(e)
     stage(env)
+    return True
+
+
+def _epilogue_ok(lw: Lowerer, job: Job, tensor: str, at: str, slots) -> bool:
+    """Whether root `job` can be computed tile by tile inside a _matmul_fill at loop `at`
+    (slot_val None): every loop inside `at` is a slot loop (the producer's tile is the
+    job's), with no hooks, the job reads the producer once, reduces nothing and has no other
+    stage computed at it."""
+    inner = job.loops[job.loops.index(at) + 1:]
+    attached = [p for p, (c, _) in lw.attached.items() if c == job.stage]
+    return (len(attached) == 1 and job.reduce is None and job.acc_level == len(job.loops) and inner == list(slots)
+            and not any(job.hooks.get(u) for u in inner) and isinstance(job.dest, HbmDest)
+            and len(_reads(job, tensor)) == 1)
+
+
+def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part: str, deps,
+                 slots, nom, slot_val, memo, env: Env) -> bool:
+    """A tensorized producer computed at loop `at` of its consumer, over several slot loops
+    (the consumer's column tiles jo and row tiles ioi inside `at`): one job over all slots
+    instead of one per slot, laid out like a root matmul: the slot loops that index the moving
+    operand outside the contraction loops, those indexing only the stationary one inside (an
+    accumulator bank per inner slot), so each moving tile is loaded once per k step for all
+    row tiles (filled at the outermost contraction loop), and a cache_read of the consumer at
+    `at` of a tensor the producer reads is filled once at the job's start (the stationary rows
+    of the block: one load and transpose per block, not per column tile). Each accumulator
+    goes to its slot when its contraction ends (bias init applied there), while the next
+    slots accumulate; with `slot_val` None (see _epilogue_ok) the consumer's tile is computed
+    right there from the accumulator instead (the epilogue reads PSUM; no slot buffer) and
+    the consumer's own loops inside `at` are not emitted. False: not such a fill (not
+    tensorized, no slots, or a tail on an inner slot loop or with a slot buffer)."""
+    ss = lw.sched.state.get(producer.name)
+    if not ss.tensorized or not slots:
+        return False
+    axis_of_dim = [ix.terms[0][0] for ix in producer.index]
+    m = {axis_of_dim[d]: ld.index[d] for d in range(len(ld.index))}
+    ren = {v.name: lw.fresh(f"{producer.name}_{v.name}") for v in ss.vars if v.kind == "reduce"}
+    pj = make_job(lw, producer, ss, ren, spatial_map=m, part=part, free=list(deps))
+    st_ld, mv_ld = pj.ops
+
+    def uses(op, u):
+        return any(ix.coef(u) for ix in op.index)
+    inner = [u for u in slots if uses(st_ld, u) and not uses(mv_ld, u)]
+    outer = [u for u in slots if u not in inner]
+    red = list(pj.loops)
+    tailed = [sp for u in slots if (sp := job.split_of.get(u)) is not None and sp.tail]
+    if not red or any(sp.outer not in outer for sp in tailed) or (
+            tailed and slot_val is not None):
+        return False        # a tail only on an outer slot loop, and with no slot buffer
+    pj.loops = outer + red + inner
+    pj.kind.update({u: "spatial" for u in slots})
+    pj.root_ext.update({u: nom[u] for u in slots})
+    for sp in tailed:       # bind_loop peels the tail iteration (the tile atom narrower)
+        pj.split_of[sp.outer] = sp
+        pj.root_ext[sp.parent] = lw.ext_of(job, sp.parent, env)
+    pj.pipe.update({u: d for u, d in job.pipe.items() if u in slots})
+    pj.acc_level = len(outer)
+    ext = dict(env.ext)
+    for a in (part, *deps):     # this iteration's extent (a tail of a slot loop: bound inside)
+        sp = job.split_of.get(a)
+        ext[a] = nom[a] if sp is not None and sp.outer in slots else lw.ext_of(job, a, env)
+    key = lw.operand_key(ld, part, deps, env, ext)
+    if slot_val is None:        # the consumer's tiles are computed as the accumulators end
+        pj.epilogue = (job, ld)
+        job.emitted.add(at)
+    else:
+        e0 = Env(dict(env.lin), dict(env.ext), env.loops, dict(env.pipe))
+        for u in slots:         # a loop of one iteration is bound to 0 (Lowerer.bind_loop)
+            e0.lin[u] = Lin.var(u) if nom[u] > 1 else Lin(0)
+        v = slot_val(e0)
+        pj.dest = SlotDest(v.base, v.dtype, v.strides, v.mem, v.name)
+        memo[key] = slot_val
+    env2 = Env({k: x for k, x in env.lin.items() if k != "__acc__"}, dict(env.ext),
+               env.loops, dict(env.pipe))
+    for a in (part, *deps):
+        env2.ext[a] = ext[a]
+    cached = [c.tensor for c in lw.sched.state.cache_reads
+              if c.stage == job.stage and c.at == at and _reads(pj, c.tensor)]
+    if isinstance(pj.init, Load) and not any(ix.coef(part) for ix in pj.init.index) \
+            and pj.init.tensor not in cached and pj.init.tensor not in lw.stage_of_tensor:
+        cached.append(pj.init.tensor)   # a bias row b[j]: loaded once per block, not per tile
+    if mv_ld.tensor not in cached and not any(uses(mv_ld, u) for u in inner):
+        pj.hooks[red[0]] = [lambda e: hoist(lw, pj, mv_ld.tensor, red[0], e, producer=None)]
+    with lw.level():
+        for t in cached:
+            hoist(lw, pj, t, None, env2, producer=None)
+        lw.run_job(pj, env2)
     return True
 
 
