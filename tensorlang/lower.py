@@ -410,6 +410,8 @@ class Lowerer:
         self.stage_of_tensor = {st.tensor: st for st in prog.stages}
         self.busy = {e: 0 for e in COMPUTE_ENGINES}       # estimated busy ps per engine so far
         self.trips = [1]                                  # iterations of the enclosing ISA loops
+        self.peeled = 1          # iterations of the loop whose peeled iteration is being emitted
+        self.peel_bid = None     # stands for the outermost loop body in a peeled iteration (anc)
         self.home: int | None = None                      # memo level for kept intermediates
         self.home_funcs: set = set()                      # activation functions the consumer uses
         self.keep: int | None = None                      # memo level for attached producers' tiles
@@ -417,6 +419,7 @@ class Lowerer:
         self.hoisting = False                             # placing a buffer before the job's loops
         self.bc_sbuf = False                              # broadcast() into SBUF, not PSUM
         self.job_buf0 = 0                                 # first buffer of the current root job
+        self.job_top = 0         # where the current root job's broadcasts go in the top body
         self.anc: dict = {}      # buffer -> (outermost loop body, engines its value came through)
         self.decisions: list = []   # per emit_balanced call: {engine: load it added}
         self.ncall = 0
@@ -440,7 +443,7 @@ class Lowerer:
             if ii_ps is None:
                 ii_ps = instr_cost(ins, self.spec).ii_ps
             self.busy[ins.engine] += ii_ps * self.trips[-1]
-            bid = id(self.body[1]) if len(self.body) > 1 else None
+            bid = id(self.body[1]) if len(self.body) > 1 else self.peel_bid
             anc = {ins.engine}
             for a in ins.srcs:
                 b, e = self.anc.get(a.name, (None, ()))
@@ -611,12 +614,18 @@ class Lowerer:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
         if (not env.loops and job.hooks.get(u) and parts[0][1] > 2
-                and u not in job.unroll and u not in job.pipe
+                and u not in job.unroll
                 and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
-            # the first iteration of the outermost (non-pipelined) loop that hosts fills is
-            # peeled: its loads precede every store, so they use every DMA queue
-            # (assign_queues) and the first block's operands arrive sooner
-            parts = [(0, 1, parts[0][2]), (1, parts[0][1] - 1, parts[0][2])] + parts[1:]
+            # the first iteration of the outermost loop that hosts fills is peeled: its loads
+            # precede every store, so they use every DMA queue (assign_queues) and the first
+            # block's operands arrive sooner; so is the last iteration (when the loop has no
+            # tail): its stores follow every load, so they use every queue too
+            (_, n, f), rest = parts[0], parts[1:]
+            last = [] if rest else [(n - 1, 1, f)]
+            parts = [(0, 1, f), (1, n - 1 - len(last), f)] + last + rest
+        outer_peeled, peel = self.peeled, len(parts) > 1 and not env.loops
+        if len(parts) > 1:
+            self.peeled = sum(p[1] for p in parts)
         for start, count, inner_ext in parts:
             if count <= 0:
                 continue
@@ -625,13 +634,18 @@ class Lowerer:
                 extra[inner] = inner_ext
             if count == 1 or u in job.unroll:
                 for c in range(start, start + count):
+                    if peel:            # a peeled iteration stands for a loop body (emit)
+                        self.peel_bid = ("peel", u, c, len(self.body[0]))
                     body(env.bind(u, Lin(c), **extra))
+                if peel:
+                    self.peel_bid = None
             else:
                 e = env.bind(u, Lin.var(u) + start if start else Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
                 if u in job.pipe:
                     e.pipe = {**e.pipe, u: job.pipe[u]}
                 self.loop(u, count, lambda e=e: body(e))
+        self.peeled = outer_peeled
 
     def emit_loops(self, job: Job, k: int, env: Env):
         if k == job.acc_level:
@@ -925,7 +939,8 @@ class Lowerer:
     def invariant_broadcast(self, ld: Load, part, deps, env, ext) -> bool:
         """A read the same on every partition and at every loop iteration (a per-feature
         vector such as gamma[j] of a row tile): loaded once for the whole root job."""
-        if len(self.memo) < 2 or ext[part] < 2 or not deps or self.trips[-1] < 2:
+        if (len(self.memo) < 2 or ext[part] < 2 or not deps
+                or max(self.trips[-1], self.peeled) < 2):
             return False
         fl = self.flat(ld.tensor, ld.index)
         if fl.coef(part) or any(c and v not in deps for v, c in fl.terms):
@@ -941,14 +956,14 @@ class Lowerer:
         return ok
 
     def broadcast(self, ld: Load, part, deps, env, ext) -> Val:
-        """Emitted before the root job's loops: one row [1, F] from HBM, copied to all P
-        partitions on chip (tensor engine: ones[1, P]^T @ row[1, <=N] into PSUM, then a
-        copy out) -- a broadcast DMA would read the row from HBM P times. The copy stays in
-        PSUM when the program has no matmul and it fits in half of PSUM: a tensor_tensor
+        """Emitted before the root job's loops and peeled iterations: one row [1, F] from HBM,
+        copied to all P partitions on chip (tensor engine: ones[1, P]^T @ row[1, <=N] into
+        PSUM, then a copy out) -- a broadcast DMA would read the row from HBM P times. The copy
+        stays in PSUM when the program has no matmul and it fits in half of PSUM: a tensor_tensor
         with one operand in PSUM runs at one element per cycle instead of two."""
         t = self.tensors[ld.tensor]
         P = ext[part]
-        body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
+        body, trips, self.body, self.trips = self.body, self.trips, [[]], [1]
         root = Env({}, dict(ext))
         try:
             src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
@@ -995,7 +1010,9 @@ class Lowerer:
                         self.emit_balanced(isa.Instr.make("tensor_copy", "act", dst, (ps_ap,)))
             self.prologue.update(b.name for b in self.buffers[first:])
             return v
-        finally:
+        finally:     # the broadcast goes before the root job's loops and peeled iterations
+            body[0][self.job_top:self.job_top] = self.body[0]
+            self.job_top += len(self.body[0])
             self.body, self.trips, self.hoisting = body, trips, False
 
     def load(self, ld: Load, part: str, deps, env: Env, ext, P: int, into: Val | None = None) -> Val:
@@ -1510,7 +1527,7 @@ class Lowerer:
         # an engine that computed an earlier step of this iteration which reached this
         # instruction through another engine would wait here for that engine, and its next
         # iteration's early steps would queue behind it (in-order streams): avoid it
-        bid = id(self.body[1]) if len(self.body) > 1 else None
+        bid = id(self.body[1]) if len(self.body) > 1 else self.peel_bid
         seen = [(self.writer.get(a.name), self.anc[a.name][1]) for a in ins.srcs
                 if bid is not None and self.anc.get(a.name, (None,))[0] == bid]
         free = [e for e in engines if not any(e in anc and w != e for w, anc in seen)]
@@ -1961,7 +1978,7 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
                     filled.add(name)
         job = make_job(lw, st, ss, None)
         add_hooks(lw, job, st, sched)
-        lw.job_buf0 = len(lw.buffers)
+        lw.job_buf0, lw.job_top = len(lw.buffers), len(lw.body[0])
         with lw.level():
             lw.run_job(job, Env({}, {}))
         job.hooks.clear()       # its closures refer to the job: break the cycle (else: GC)
@@ -1988,7 +2005,8 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     trn2: 264 -> 224 us). Without both kinds, or with one queue,
     there is one pool of all queues. Loads that come before the first store in program order
     (the prologue: top-level fills, the peeled first iteration of a block loop, see
-    Lowerer.bind_loop) use every queue: no store is queued ahead of them."""
+    Lowerer.bind_loop) use every queue: no store is queued ahead of them; so do stores after
+    the last load (the epilogue: the peeled last iteration): no load is queued behind them."""
     n = spec.dma_queues
     blk = partition_block(spec)                    # pieces on whole partition blocks
     queues = [f"q{i}" for i in range(n)]
@@ -1998,6 +2016,11 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
                                isa.walk_instrs((node,)))), len(body))
     prologue = {id(i) for node in body[:first_store] for i, _ in isa.walk_instrs((node,))
                 if i.op == "dma"}      # loads before the first store: no store can wait on them
+    last_load = max((k for k, node in enumerate(body)
+                     if any(i.op == "dma" and i.dst.mem != "hbm" for i, _ in
+                            isa.walk_instrs((node,)))), default=-1)
+    prologue |= {id(i) for node in body[last_load + 1:] for i, _ in isa.walk_instrs((node,))
+                 if i.op == "dma"}     # stores after the last load: no load waits behind them
     trips, moved = {}, {False: 0, True: 0}
     for ins, loops in isa.walk_instrs(body):
         if ins.op == "dma":
