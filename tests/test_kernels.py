@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import kernels
+import sim
 import tensorlang as tl
 from kernels import _library
 from kernels.shapes import SHAPES, workload
@@ -338,6 +339,36 @@ def test_norm_statistics_fuse_and_gamma_is_loaded_once():
                    if ln.startswith("  "))
     X, g = random_array((512, 1024), "bfloat16", seed=1), random_array((1024,), "bfloat16", seed=2)
     assert_close(kern.run(X, g), prog.reference(X, g), "bfloat16")
+
+
+@pytest.mark.parametrize("machine", ["trn2", "trn1"])
+def test_pipelined_row_loop_peels_its_first_and_last_tile_over_every_queue(machine):
+    """A short pipelined row-tile loop (BERT layernorm, 4 tiles): the first tile's loads come
+    before any store and the last tile's stores after every load, so both are peeled out of
+    the loop and spread over every DMA queue (fill and drain at full bandwidth); gamma and
+    beta are broadcast once, before the peeled first tile. Values equal numpy."""
+    M, N = 512, 768
+    specs, static = workload("layernorm", (M, N))
+    prog = kernels.layernorm.trace(*specs)
+    kern = kernels.layernorm.template_schedule(prog, machine, 0).build(machine)
+    top = [i for i in kern.program.body if not isinstance(i, sim.isa.Loop)]
+    loop = [i for i in kern.program.body if isinstance(i, sim.isa.Loop)]
+    assert len(loop) == 1 and loop[0].extent == M // 128 - 2
+    queues = {f"q{k}" for k in range(sim.machine(machine).dma_queues)}
+    x_first = [i for i in top if i.op == "dma" and i.srcs[0].name == "X"]
+    y_last = [i for i in top if i.op == "dma" and i.dst.name == "Y"]
+    assert sum(i.dst.num_elements for i in x_first) == 2 * 128 * N     # first and last tile
+    assert sum(i.dst.num_elements for i in y_last) == 2 * 128 * N
+    assert {i.engine for i in x_first[:len(queues)]} == queues         # the first tile's loads
+    assert {i.engine for i in y_last[-len(queues):]} == queues         # the last tile's stores
+    bc = [k for k, i in enumerate(top) if i.op == "matmul"]            # gamma / beta broadcast
+    assert bc and max(bc) < top.index(x_first[0])
+    assert not [i for i, _ in walk_instrs(kern.program.body)
+                if i.op == "dma" and i.srcs[0].name in ("gamma", "beta") and i.dst.partitions > 1]
+    X, g, b = R((M, N), seed=1), R((N,), seed=2), R((N,), seed=3)
+    x = f32(X)
+    mu, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
+    assert_close(kern.run(X, g, b), (x - mu) / np.sqrt(var + 1e-5) * f32(g) + f32(b), "bfloat16")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

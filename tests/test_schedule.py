@@ -657,3 +657,24 @@ def test_assign_queues_cuts_stores_into_few_bin_transfers():
     assert sum(i.dst.num_elements for i in stores) == 128 * 4096
     blk = partition_block(spec)
     assert all(i.srcs[0].part % blk == 0 for i in stores)
+
+
+def test_assign_queues_epilogue_stores_use_every_queue():
+    # a loop of loads and stores, then a peeled last iteration (top level): its store comes
+    # after every load, so it is spread over all queues; the loop's stores keep their pool
+    from tensorlang.lower import assign_queues
+    spec = sim.machine("trn2")
+    (loop,) = _tile_loop(512, 512, n=3)
+    first_ld = _tile_loop(512, 512)[0].body[0]
+    ld, stv = _tile_loop(512, 512)[0].body                 # distinct instructions
+    out = assign_queues((first_ld, loop, ld, stv), spec)
+    tail = [i for i in out[-spec.dma_queues:] if i.op == "dma"]
+    assert all(i.dst.mem == "hbm" for i in tail)
+    assert {i.engine for i in tail} == {f"q{k}" for k in range(spec.dma_queues)}
+    assert sum(i.dst.num_elements for i in tail) == 128 * 512
+    walk = list(sim.isa.walk_instrs(out))
+    in_loop = {i.engine for i, loops in walk if loops and i.dst.mem == "hbm"}
+    loop_loads = {i.engine for i, loops in walk if loops and i.dst.mem != "hbm"}
+    assert in_loop and loop_loads and not in_loop & loop_loads
+    first = [i for i in out if isinstance(i, sim.isa.Instr)][:spec.dma_queues]   # prologue
+    assert {i.engine for i in first} == {f"q{k}" for k in range(spec.dma_queues)}
