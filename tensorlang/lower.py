@@ -45,6 +45,7 @@ DEFAULT_FREE_ELEMS = 2048  # compiler choice: default vectorization width when a
 TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fill rotates over
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
+STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
@@ -602,8 +603,9 @@ class Lowerer:
                                   f"leaves a tail of {n % s.factor}); keep {s.outer!r} outside it")
         return s.factor
 
-    def bind_loop(self, job: Job, u: str, env: Env, body):
-        """Emit loop atom u (main loop + peeled tail), calling body(env) inside."""
+    def bind_loop(self, job: Job, u: str, env: Env, body, pipe: int = 1):
+        """Emit loop atom u (main loop + peeled tail), calling body(env) inside; its buffers
+        rotate over job.pipe[u] (else `pipe`) slots."""
         s = job.split_of.get(u)
         if s is not None and s.outer == u:
             n = self.ext_of(job, s.parent, env)
@@ -613,13 +615,14 @@ class Lowerer:
         else:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
-        if (not env.loops and job.hooks.get(u) and parts[0][1] > 2
+        if (not env.loops and (job.hooks.get(u) or u in job.pipe) and parts[0][1] > 2
                 and u not in job.unroll
                 and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
-            # the first iteration of the outermost loop that hosts fills is peeled: its loads
-            # precede every store, so they use every DMA queue (assign_queues) and the first
-            # block's operands arrive sooner; so is the last iteration (when the loop has no
-            # tail): its stores follow every load, so they use every queue too
+            # the first iteration of the outermost loop that hosts fills (or is pipelined) is
+            # peeled: its loads precede every store, so they use every DMA queue
+            # (assign_queues) and the first block's operands arrive sooner; so is the last
+            # iteration (when the loop has no tail): its stores follow every load, so they
+            # use every queue too
             (_, n, f), rest = parts[0], parts[1:]
             last = [] if rest else [(n - 1, 1, f)]
             parts = [(0, 1, f), (1, n - 1 - len(last), f)] + last + rest
@@ -642,8 +645,8 @@ class Lowerer:
             else:
                 e = env.bind(u, Lin.var(u) + start if start else Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
-                if u in job.pipe:
-                    e.pipe = {**e.pipe, u: job.pipe[u]}
+                if job.pipe.get(u, pipe) > 1:
+                    e.pipe = {**e.pipe, u: job.pipe.get(u, pipe)}
                 self.loop(u, count, lambda e=e: body(e))
         self.peeled = outer_peeled
 
@@ -787,7 +790,10 @@ class Lowerer:
         if i == len(inner):
             self.store_tile(job, env)
             return
-        self.bind_loop(job, inner[i], env, lambda e2: self._store_nest(job, inner, i + 1, e2))
+        # the staging tiles of the store rotate (STORE_SLOTS): the next tile's copy-out
+        # overlaps this tile's store instead of waiting for its DMA to read the slot
+        self.bind_loop(job, inner[i], env, lambda e2: self._store_nest(job, inner, i + 1, e2),
+                       pipe=STORE_SLOTS)
 
     def store_tile(self, job: Job, env: Env):
         ext = self.tile_ext(job, env, spatial_only=True)

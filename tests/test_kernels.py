@@ -371,6 +371,22 @@ def test_pipelined_row_loop_peels_its_first_and_last_tile_over_every_queue(machi
     assert_close(kern.run(X, g, b), (x - mu) / np.sqrt(var + 1e-5) * f32(g) + f32(b), "bfloat16")
 
 
+def test_store_nest_staging_tiles_are_double_buffered():
+    """matmul (BERT QKV): the row blocks of a PSUM accumulator are copied out and stored in a
+    loop; the staging tile rotates over STORE_SLOTS slots, so the next block's copy-out does
+    not wait for this block's store to read the tile. Values equal numpy."""
+    from tensorlang.lower import STORE_SLOTS
+    M, N, K = 512, 768, 768
+    specs, static = workload("matmul", (M, N, K))
+    prog = kernels.matmul.trace(*specs)
+    kern = kernels.matmul.template_schedule(prog, "trn2", 0).build("trn2")
+    outs = [i for i, loops in walk_instrs(kern.program.body)
+            if loops and i.op == "tensor_copy" and i.dst.name.startswith("C_out")]
+    assert outs and all(any(m == STORE_SLOTS for _, _, m in i.dst.offset.terms) for i in outs)
+    A, B = R((M, K), seed=1), R((K, N), seed=2)
+    assert_close(kern.run(A, B), f32(A) @ f32(B), "bfloat16")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_layernorm_prefills_beta_and_accumulates_gamma_in_one_pass(dtype):
     """layernorm's output tile is filled with beta first (a copy that needs no statistic),
