@@ -2009,7 +2009,9 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     (see _sequential): stores start all at once when a tile is done, and long ones would
     claim the shared channel ahead of the loads queued behind them (transpose 4096^2 on
     trn2: 264 -> 224 us). Without both kinds, or with one queue,
-    there is one pool of all queues. Loads that come before the first store in program order
+    there is one pool of all queues. The store pool has the queues' share of the store bytes
+    (rounded), or one queue more or less when that leaves the busiest queue less to do (whole
+    blocks: 32 blocks of stores on 14 queues load 4 queues with 3, on 16 none). Loads that come before the first store in program order
     (the prologue: top-level fills, the peeled first iteration of a block loop, see
     Lowerer.bind_loop) use every queue: no store is queued ahead of them; so do stores after
     the last load (the epilogue: the peeled last iteration): no load is queued behind them."""
@@ -2034,10 +2036,10 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
             trips[id(ins)] = trips.get(id(ins), 0) + mult
             moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
     if n < 2 or not moved[False] or not moved[True]:
-        pools = {False: (0, n), True: (0, n)}
+        sizes = [None]
     else:
         stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
-        pools = {False: (0, n - stores), True: (n - stores, stores)}
+        sizes = [stores] + [s for s in (stores - 1, stores + 1) if 0 < s < n]
     load = [0] * n                                 # queue bytes x trips so far, per queue
     cap = STORE_TRANSFER_BINS * spec.hbm_bin_ns * spec.dma_queue_gbps   # queue bytes
     nxt = {}                                       # per pool: where ties start (round robin)
@@ -2086,7 +2088,16 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
             out[j] = [isa.Instr("dma", queues[q], d, (s_,)) for d, s_ in seq]
         return [i for x in out for i in x]
 
-    return tuple(_map_dmas(body, split))
+    best = None
+    for stores in sizes:    # the store pool size (bytes ratio +-1) whose busiest queue is least
+        pools = ({False: (0, n), True: (0, n)} if stores is None else
+                 {False: (0, n - stores), True: (n - stores, stores)})
+        load[:] = [0] * n
+        nxt.clear()
+        out = tuple(_map_dmas(body, split))
+        if best is None or max(load) < best[0]:
+            best = (max(load), out)
+    return best[1]
 
 
 def _sequential(dst: isa.AP, src: isa.AP, cap: float, spec: sim.MachineSpec) -> list:

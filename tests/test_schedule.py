@@ -678,3 +678,17 @@ def test_assign_queues_epilogue_stores_use_every_queue():
     assert in_loop and loop_loads and not in_loop & loop_loads
     first = [i for i in out if isinstance(i, sim.isa.Instr)][:spec.dma_queues]   # prologue
     assert {i.engine for i in first} == {f"q{k}" for k in range(spec.dma_queues)}
+
+
+def test_assign_queues_sizes_the_store_pool_by_its_busiest_queue():
+    # [128 x 256] bf16 loads, [128 x 256] fp32 stores (32 blocks of 4 rows each): the byte
+    # share gives stores 10 queues, 4 of which would carry 4 blocks per trip; 11 queues
+    # carry 3 blocks at most, and the 5 load queues 7 smaller blocks: less on the busiest
+    from tensorlang.lower import assign_queues
+    spec = sim.machine("trn2")
+    out = assign_queues(_tile_loop(256, 256), spec)
+    per = _queue_bytes(out, spec)
+    stores = [q for q, b in per.items() if b[1]]
+    row = 4 * 256 + spec.dma_chunk_overhead_bytes            # one fp32 store row
+    assert len(stores) == 11
+    assert max(sum(b) for b in per.values()) < 32 * 4 * 4 * row   # 10 store queues' busiest
