@@ -46,6 +46,7 @@ TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fil
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
 STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
+PEEL_FIRST = 2   # compiler choice: first iterations of a pipelined loop peeled (tile + prefetch)
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
@@ -410,6 +411,8 @@ class Lowerer:
         self.attached = {ss.stage: ss.attach for ss in sched.state.stages if ss.attach}
         self.stage_of_tensor = {st.tensor: st for st in prog.stages}
         self.busy = {e: 0 for e in COMPUTE_ENGINES}       # estimated busy ps per engine so far
+        self.busy_peel = dict(self.busy)    # ... of peeled iterations (fill and drain)
+        self.plans: dict = {}    # the loops' emit_balanced choices by instruction (mirror)
         self.trips = [1]                                  # iterations of the enclosing ISA loops
         self.peeled = 1          # iterations of the loop whose peeled iteration is being emitted
         self.peel_bid = None     # stands for the outermost loop body in a peeled iteration (anc)
@@ -430,7 +433,7 @@ class Lowerer:
         self.psum_peak = 0                # PSUM the rest of the program needs at once
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
-            self.prior, self.proj = prior[0], dict(prior[1])
+            self.prior, self.proj, self.proj_peel = prior[0], dict(prior[1]), dict(prior[3])
             # the first pass knows what the rest of the program needs: the rest is free
             self.psum_room = spec.psum_partition_bytes - prior[2] - spec.psum_bank_bytes
         hbm = sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in (*prog.inputs, *prog.outputs))
@@ -443,7 +446,8 @@ class Lowerer:
         if ins.__class__ is isa.Instr and ins.engine in self.busy:
             if ii_ps is None:
                 ii_ps = instr_cost(ins, self.spec).ii_ps
-            self.busy[ins.engine] += ii_ps * self.trips[-1]
+            busy = self.busy if self.peel_bid is None else self.busy_peel
+            busy[ins.engine] += ii_ps * self.trips[-1]
             bid = id(self.body[1]) if len(self.body) > 1 else self.peel_bid
             anc = {ins.engine}
             for a in ins.srcs:
@@ -622,14 +626,23 @@ class Lowerer:
             # peeled: its loads precede every store, so they use every DMA queue
             # (assign_queues) and the first block's operands arrive sooner; so is the last
             # iteration (when the loop has no tail): its stores follow every load, so they
-            # use every queue too
+            # use every queue too. A pipelined loop peels up to PEEL_FIRST first iterations
+            # (at most its slots) and their loads go first (hoist_loads): all precede every
+            # store
             (_, n, f), rest = parts[0], parts[1:]
             last = [] if rest else [(n - 1, 1, f)]
-            parts = [(0, 1, f), (1, n - 1 - len(last), f)] + last + rest
+            first = max(1, min(job.pipe.get(u, 1), PEEL_FIRST, n - len(last)))
+            parts = ([(c, 1, f) for c in range(first)] + [(first, n - first - len(last), f)]
+                     + last + rest)
+        else:
+            first = 0
         outer_peeled, peel = self.peeled, len(parts) > 1 and not env.loops
         if len(parts) > 1:
             self.peeled = sum(p[1] for p in parts)
-        for start, count, inner_ext in parts:
+        mark, top0 = len(self.body[-1]), self.job_top
+        for k, (start, count, inner_ext) in enumerate(parts):
+            if k == first and first > 1:    # broadcasts may have gone in before the mark
+                self.hoist_loads(mark + self.job_top - top0)
             if count <= 0:
                 continue
             extra = {u: count if start == 0 else 1}
@@ -649,6 +662,30 @@ class Lowerer:
                     e.pipe = {**e.pipe, u: job.pipe.get(u, pipe)}
                 self.loop(u, count, lambda e=e: body(e))
         self.peeled = outer_peeled
+
+    def hoist_loads(self, i0: int):
+        """Move the HBM loads among the top-level nodes from i0 on ahead of the other nodes
+        there (keeping the loads' order) as far as no node they pass touches the buffer they
+        fill (any byte of it: buffers are the unit) or writes the tensor they read: the
+        peeled first iterations of a pipelined loop then load all their tiles before the
+        first store, over every DMA queue (assign_queues), as the loop would have."""
+        seg = self.body[-1][i0:]
+        where = {b.name: (b.mem, b.offset, b.offset + b.size) for b in self.buffers}
+        front, rest, rest_bufs, rest_hbm = [], [], [], set()
+        for node in seg:
+            aps = [(a, a is i.dst or a is i.dst2) for i, _ in isa.walk_instrs((node,))
+                   for a in (i.dst, i.dst2, *i.srcs) if a is not None]
+            if (isinstance(node, isa.Instr) and node.op == "dma" and node.dst.mem != "hbm"
+                    and node.srcs[0].mem == "hbm" and node.srcs[0].name not in rest_hbm):
+                m, lo, hi = where.get(node.dst.name, (node.dst.mem, 0, math.inf))
+                if not any(m == m2 and lo < hi2 and lo2 < hi for m2, lo2, hi2 in rest_bufs):
+                    front.append(node)
+                    continue
+            rest.append(node)
+            rest_hbm.update(a.name for a, w in aps if w and a.mem == "hbm")
+            rest_bufs += [where.get(a.name, (a.mem, 0, math.inf)) for a, _ in aps
+                          if a.mem != "hbm"]
+        self.body[-1][i0:] = front + rest
 
     def emit_loops(self, job: Job, k: int, env: Env):
         if k == job.acc_level:
@@ -1553,11 +1590,18 @@ class Lowerer:
             return on(i, e)[2] * trips
         k = self.ncall
         self.ncall += 1
+        # the loops balance among themselves: a peeled iteration's (fill, drain) one-off
+        # load would skew their steady state; a peeled iteration makes the choice its loop
+        # made for the same instruction (the last one, see mirror), else balances against all
+        peeled = self.peel_bid is not None
         if self.prior is None:
-            base = dict(self.busy)
+            base = {e: self.busy[e] + (self.busy_peel[e] if peeled else 0)
+                    for e in COMPUTE_ENGINES}
         else:
             was = self.prior[k] if k < len(self.prior) else {}
-            base = {e: self.proj[e] - was.get(e, 0) for e in COMPUTE_ENGINES}
+            proj = self.proj_peel if peeled else self.proj
+            base = {e: proj[e] - was.get(e, 0) + (self.proj[e] if peeled else 0)
+                    for e in COMPUTE_ENGINES}
 
         def peak_of(plan):
             load = dict(base)
@@ -1567,10 +1611,17 @@ class Lowerer:
         plan = min(([(e, ins)] for e in engines),
                    key=lambda p: (*peak_of(p), COMPUTE_ENGINES.index(p[0][0])))
         own = base[plan[0][0]] + cost(ins, plan[0][0])
-        if own > SPLIT_BUSY * self.hbm_ps:
+        key, same = _plan_key(ins), None
+        if peeled and self.prior is not None:      # (second pass: the loads are projected)
+            same = self.mirror(ins, self.plans.get(key), self.engines_for(ins))
+        if same is not None:
+            plan = same
+        elif own > SPLIT_BUSY * self.hbm_ps:
             split = self.split_plan(ins, engines, cost, base)
             if split is not None and peak_of(split)[0] < peak_of(plan)[0] * (1 - SPLIT_MIN_GAIN):
                 plan = split
+        if not peeled and self.trips[-1] > 1:
+            self.plans[key] = tuple((e, i.dst.shape) for e, i in plan)
         mine = {}
         for e, i in plan:
             ie, _, ii = on(i, e)
@@ -1579,7 +1630,27 @@ class Lowerer:
         self.decisions.append(mine)
         if self.prior is not None:
             for e in COMPUTE_ENGINES:
-                self.proj[e] = base[e] + mine.get(e, 0)
+                proj[e] += mine.get(e, 0) - was.get(e, 0)
+
+    def mirror(self, ins: isa.Instr, plan, engines):
+        """`ins` cut and placed as `plan` ((engine, piece shape), ...: a loop's choice for the
+        same instruction) did, or None when that plan does not fit it."""
+        if not plan or any(e not in engines for e, _ in plan):
+            return None
+        if len(plan) == 1:
+            return [(plan[0][0], ins)] if plan[0][1] == ins.dst.shape else None
+        shape = ins.dst.shape
+        d = next((k for k in range(1, len(shape)) if shape[k] > 1), None)
+        if d is None or sum(sh[d] for _, sh in plan) != shape[d]:
+            return None
+        out, start = [], 0
+        for e, sh in plan:
+            k = sh[d]
+            out.append((e, isa.Instr(ins.op, ins.engine, _slice_ap(ins.dst, d, start, k),
+                                     tuple(_slice_ap(a, d, start, k) if a.shape == shape else a
+                                           for a in ins.srcs), ins.attrs, ins.dst2)))
+            start += k
+        return out
 
     def split_plan(self, ins: isa.Instr, engines, cost, base):
         """[(engine, piece)]: `ins` split over 2+ engines so they finish together (from the
@@ -1775,6 +1846,15 @@ class Lowerer:
         return out
 
 
+def _plan_key(ins: isa.Instr) -> tuple:
+    """An instruction up to its buffers' copies (x, x_1, ...: the same tile in another
+    iteration): what a peeled iteration looks its loop's engine choice up by."""
+    def base(a):
+        return (a.name.rsplit("_", 1)[0] if a.name.rsplit("_", 1)[-1].isdigit() else a.name,
+                a.mem, a.shape)
+    return (ins.op, ins.attrs, base(ins.dst), tuple(base(a) for a in ins.srcs))
+
+
 def _subsets(items, r):
     from itertools import combinations  # noqa: PLC0415
     return combinations(items, r)
@@ -1947,7 +2027,8 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
     lw = _lower_jobs(prog, sched, spec, pads, None)
     if lw.decisions:
         first = lw
-        lw = _lower_jobs(prog, sched, spec, pads, (lw.decisions, lw.busy, lw.psum_peak))
+        lw = _lower_jobs(prog, sched, spec, pads,
+                         (lw.decisions, lw.busy, lw.psum_peak, lw.busy_peel))
         first.close()
     tensors = []
     for t in prog.inputs:
@@ -2009,12 +2090,13 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     (see _sequential): stores start all at once when a tile is done, and long ones would
     claim the shared channel ahead of the loads queued behind them (transpose 4096^2 on
     trn2: 264 -> 224 us). Without both kinds, or with one queue,
-    there is one pool of all queues. The store pool has the queues' share of the store bytes
-    (rounded), or one queue more or less when that leaves the busiest queue less to do (whole
-    blocks: 32 blocks of stores on 14 queues load 4 queues with 3, on 16 none). Loads that come before the first store in program order
-    (the prologue: top-level fills, the peeled first iteration of a block loop, see
-    Lowerer.bind_loop) use every queue: no store is queued ahead of them; so do stores after
-    the last load (the epilogue: the peeled last iteration): no load is queued behind them."""
+    there is one pool of all queues. The store pool has the store bytes' share of the queues
+    (rounded), or one queue more or less when that leaves the busiest queue less to do
+    (pieces are whole blocks: a store of 32 blocks puts 4 blocks on some of 10 queues, 3 at
+    most on 11). Loads that come before the first store in program order (the prologue:
+    top-level fills, the peeled first iterations of a block loop, see Lowerer.bind_loop)
+    use every queue: no store is queued ahead of them; so do stores after the last load
+    (the epilogue: the peeled last iteration): no load is queued behind them."""
     n = spec.dma_queues
     blk = partition_block(spec)                    # pieces on whole partition blocks
     queues = [f"q{i}" for i in range(n)]

@@ -342,28 +342,36 @@ def test_norm_statistics_fuse_and_gamma_is_loaded_once():
 
 
 @pytest.mark.parametrize("machine", ["trn2", "trn1"])
-def test_pipelined_row_loop_peels_its_first_and_last_tile_over_every_queue(machine):
-    """A short pipelined row-tile loop (BERT layernorm, 4 tiles): the first tile's loads come
-    before any store and the last tile's stores after every load, so both are peeled out of
-    the loop and spread over every DMA queue (fill and drain at full bandwidth); gamma and
-    beta are broadcast once, before the peeled first tile. Values equal numpy."""
-    M, N = 512, 768
+def test_pipelined_row_loop_peels_its_first_and_last_tiles_over_every_queue(machine):
+    """A pipelined row-tile loop (layernorm, 8 tiles, 3 slots): its first PEEL_FIRST (2)
+    iterations are peeled and their loads hoisted ahead of their compute, so every load of
+    them precedes the first store and uses every DMA queue (the fill at full bandwidth); the last
+    iteration is peeled too, its stores after every load, over every queue (the drain).
+    gamma and beta are broadcast once, before the peeled tiles. Values equal numpy."""
+    from tensorlang.lower import PEEL_FIRST
+    M, N = 1024, 768
     specs, static = workload("layernorm", (M, N))
     prog = kernels.layernorm.trace(*specs)
     kern = kernels.layernorm.template_schedule(prog, machine, 0).build(machine)
-    top = [i for i in kern.program.body if not isinstance(i, sim.isa.Loop)]
-    loop = [i for i in kern.program.body if isinstance(i, sim.isa.Loop)]
-    assert len(loop) == 1 and loop[0].extent == M // 128 - 2
+    body = kern.program.body
+    top = [i for i in body if not isinstance(i, sim.isa.Loop)]
+    loop = [i for i in body if isinstance(i, sim.isa.Loop)]
+    assert len(loop) == 1 and loop[0].extent == M // 128 - PEEL_FIRST - 1
     queues = {f"q{k}" for k in range(sim.machine(machine).dma_queues)}
-    x_first = [i for i in top if i.op == "dma" and i.srcs[0].name == "X"]
-    y_last = [i for i in top if i.op == "dma" and i.dst.name == "Y"]
-    assert sum(i.dst.num_elements for i in x_first) == 2 * 128 * N     # first and last tile
-    assert sum(i.dst.num_elements for i in y_last) == 2 * 128 * N
-    assert {i.engine for i in x_first[:len(queues)]} == queues         # the first tile's loads
-    assert {i.engine for i in y_last[-len(queues):]} == queues         # the last tile's stores
+    first_store = next(k for k, i in enumerate(top) if i.op == "dma" and i.dst.mem == "hbm")
+    x_first = [i for i in top[:first_store] if i.op == "dma" and i.srcs[0].name == "X"]
+    y_last = [i for i in body[body.index(loop[0]) + 1:] if i.op == "dma" and i.dst.name == "Y"]
+    assert sum(i.dst.num_elements for i in x_first) == PEEL_FIRST * 128 * N
+    assert {i.engine for i in x_first} == queues
+    assert sum(i.dst.num_elements for i in y_last) == 128 * N
+    assert {i.engine for i in y_last} == queues
     bc = [k for k, i in enumerate(top) if i.op == "matmul"]            # gamma / beta broadcast
     assert bc and max(bc) < top.index(x_first[0])
-    assert not [i for i, _ in walk_instrs(kern.program.body)
+
+    def work(nodes):    # the last tile's engines and splits are the loop's (Lowerer.mirror)
+        return [(i.op, i.engine, i.dst.shape) for i in nodes if i.op != "dma"]
+    assert work(body[body.index(loop[0]) + 1:]) == work(loop[0].body)
+    assert not [i for i, _ in walk_instrs(body)
                 if i.op == "dma" and i.srcs[0].name in ("gamma", "beta") and i.dst.partitions > 1]
     X, g, b = R((M, N), seed=1), R((N,), seed=2), R((N,), seed=3)
     x = f32(X)
@@ -394,7 +402,7 @@ def test_layernorm_prefills_beta_and_accumulates_gamma_in_one_pass(dtype):
     separate +beta pass; rsqrt(ssq / N + eps) is one activation (scale 1/N, bias eps); the
     wide normalise splits on destination granules. Values equal numpy, also for rows far
     from zero mean."""
-    M, N = 512, 1024
+    M, N = 1024, 1024     # 8 row tiles: a loop between the peeled first and last ones
     specs, static = workload("layernorm", (M, N), dtype)
     prog = kernels.layernorm.trace(*specs)
     kern = kernels.layernorm.template_schedule(prog, "trn2", 0).build("trn2")
