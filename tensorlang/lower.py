@@ -640,9 +640,10 @@ class Lowerer:
         if len(parts) > 1:
             self.peeled = sum(p[1] for p in parts)
         mark, top0 = len(self.body[-1]), self.job_top
+        whole = first > 0 and all(p[1] <= 1 for p in parts)   # no loop left: all peeled
         for k, (start, count, inner_ext) in enumerate(parts):
-            if k == first and first > 1:    # broadcasts may have gone in before the mark
-                self.hoist_loads(mark + self.job_top - top0)
+            if k == first and first > 1 and not whole:   # (broadcasts may have gone in
+                self.hoist_loads(mark + self.job_top - top0)  # before the mark)
             if count <= 0:
                 continue
             extra = {u: count if start == 0 else 1}
@@ -661,6 +662,8 @@ class Lowerer:
                 if job.pipe.get(u, pipe) > 1:
                     e.pipe = {**e.pipe, u: job.pipe.get(u, pipe)}
                 self.loop(u, count, lambda e=e: body(e))
+        if whole:
+            self.hoist_loads(mark + self.job_top - top0)
         self.peeled = outer_peeled
 
     def hoist_loads(self, i0: int):

@@ -379,6 +379,27 @@ def test_pipelined_row_loop_peels_its_first_and_last_tiles_over_every_queue(mach
     assert_close(kern.run(X, g, b), (x - mu) / np.sqrt(var + 1e-5) * f32(g) + f32(b), "bfloat16")
 
 
+def test_short_pipelined_loop_is_peeled_whole_with_every_load_first():
+    """rmsnorm with 4 row tiles: the loop is peeled whole (first tiles, middle, last); every
+    load of X is hoisted ahead of the first store, so the loads and the stores each use
+    every DMA queue. Values equal numpy."""
+    M, N = 512, 1024
+    specs, static = workload("rmsnorm", (M, N))
+    prog = kernels.rmsnorm.trace(*specs)
+    kern = kernels.rmsnorm.template_schedule(prog, "trn2", 0).build("trn2")
+    body = kern.program.body
+    assert not any(isinstance(i, sim.isa.Loop) for i in body)
+    dmas = [i for i in body if i.op == "dma"]
+    x = [k for k, i in enumerate(dmas) if i.srcs[0].name == "X"]
+    y = [k for k, i in enumerate(dmas) if i.dst.name == "Y"]
+    assert max(x) < min(y)
+    assert sum(dmas[k].dst.num_elements for k in x) == M * N
+    queues = {f"q{k}" for k in range(sim.machine("trn2").dma_queues)}
+    assert {dmas[k].engine for k in x} == queues == {dmas[k].engine for k in y}
+    X, g = R((M, N), seed=1), R((N,), seed=2)
+    assert_close(kern.run(X, g), rms(f32(X), f32(g)), "bfloat16")
+
+
 def test_store_nest_staging_tiles_are_double_buffered():
     """matmul (BERT QKV): the row blocks of a PSUM accumulator are copied out and stored in a
     loop; the staging tile rotates over STORE_SLOTS slots, so the next block's copy-out does
