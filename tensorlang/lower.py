@@ -46,6 +46,8 @@ TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fil
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
 STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
+POOL_MIN_GAIN = 0.05  # compiler choice: a store pool off the byte share must lighten the busiest
+                      # queue by this fraction
 PEEL_FIRST = 2   # compiler choice: first iterations of a pipelined loop peeled (tile + prefetch)
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
@@ -619,16 +621,15 @@ class Lowerer:
         else:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
-        if (not env.loops and (job.hooks.get(u) or u in job.pipe) and parts[0][1] > 2
+        if (not env.loops and job.hooks.get(u) and parts[0][1] > 2
                 and u not in job.unroll
                 and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
-            # the first iteration of the outermost loop that hosts fills (or is pipelined) is
-            # peeled: its loads precede every store, so they use every DMA queue
-            # (assign_queues) and the first block's operands arrive sooner; so is the last
-            # iteration (when the loop has no tail): its stores follow every load, so they
-            # use every queue too. A pipelined loop peels up to PEEL_FIRST first iterations
-            # (at most its slots) and their loads go first (hoist_loads): all precede every
-            # store
+            # the first iteration of the outermost loop that hosts fills is peeled: its loads
+            # precede every store, so they use every DMA queue (assign_queues) and the first
+            # block's operands arrive sooner; so is the last iteration (when the loop has no
+            # tail): its stores follow every load, so they use every queue too. A pipelined
+            # loop peels up to PEEL_FIRST first iterations (at most its slots) and their
+            # loads go first (hoist_loads): all precede every store
             (_, n, f), rest = parts[0], parts[1:]
             last = [] if rest else [(n - 1, 1, f)]
             first = max(1, min(job.pipe.get(u, 1), PEEL_FIRST, n - len(last)))
@@ -2094,7 +2095,7 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     claim the shared channel ahead of the loads queued behind them (transpose 4096^2 on
     trn2: 264 -> 224 us). Without both kinds, or with one queue,
     there is one pool of all queues. The store pool has the store bytes' share of the queues
-    (rounded), or one queue more or less when that leaves the busiest queue less to do
+    (rounded), or one queue more or less when that leaves the busiest queue POOL_MIN_GAIN less
     (pieces are whole blocks: a store of 32 blocks puts 4 blocks on some of 10 queues, 3 at
     most on 11). Loads that come before the first store in program order (the prologue:
     top-level fills, the peeled first iterations of a block loop, see Lowerer.bind_loop)
@@ -2180,7 +2181,7 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         load[:] = [0] * n
         nxt.clear()
         out = tuple(_map_dmas(body, split))
-        if best is None or max(load) < best[0]:
+        if best is None or max(load) < best[0] * (1 - POOL_MIN_GAIN):
             best = (max(load), out)
     return best[1]
 
