@@ -1803,8 +1803,8 @@ class Lowerer:
             eng = self.writer.get(dst2.name, "dve")
 
             def put(i):     # a [P, free] statistic stays on its reduce's engine, as a [P,1]
-                if not job.free:                             # one does (emit_balanced)
-                    return self.emit_balanced(i)
+                if not job.free or eng not in self.engines_for(i):   # one does (emit_balanced;
+                    return self.emit_balanced(i)                     # also: pool cannot PSUM)
                 self.emit(isa.Instr(i.op, eng, i.dst, i.srcs, i.attrs, i.dst2))
             ts = isa.Instr.make("tensor_scalar", "dve", acc_ap if not attrs else dst2, (dst2,),
                                 op0="mul", scalar0=c)

@@ -576,6 +576,18 @@ def test_hoisted_broadcast_is_not_overwritten_by_the_loop_body():
     check_values(prog, s.build("trn2"), inputs, ref, "float32")
 
 
+
+def test_row_statistic_scaled_into_psum_is_not_left_on_pool():
+    """layernorm's mean accumulated in PSUM (cache_write): the 1/N scale of the row sum
+    writes PSUM, which the reduce's engine (pool, the SBUF sum) cannot: another engine."""
+    prog, inputs, ref = case("layernorm", "float32")
+    s = prog.schedule()
+    io, ii = s.split(s.axes("mean")[0], 24)
+    s.partition(io)
+    s.cache_write("mean", "psum")
+    check_values(prog, s.build("trn2"), inputs, ref, "float32")
+
+
 # DMA queue assignment (lower.assign_queues)
 
 def _queue_bytes(body, spec):
