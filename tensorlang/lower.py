@@ -46,7 +46,7 @@ TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fil
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
 STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
-POOL_MIN_GAIN = 0.05  # compiler choice: a store pool off the byte share must lighten the busiest
+POOL_MIN_GAIN = 0.1   # compiler choice: a store pool off the byte share must lighten the busiest
                       # queue by this fraction
 PEEL_FIRST = 2   # compiler choice: first iterations of a pipelined loop peeled (tile + prefetch)
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines

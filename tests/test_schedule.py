@@ -692,15 +692,21 @@ def test_assign_queues_epilogue_stores_use_every_queue():
     assert {i.engine for i in first} == {f"q{k}" for k in range(spec.dma_queues)}
 
 
-def test_assign_queues_sizes_the_store_pool_by_its_busiest_queue():
-    # [128 x 256] bf16 loads, [128 x 256] fp32 stores (32 blocks of 4 rows each): the byte
-    # share gives stores 10 queues, 4 of which would carry 4 blocks per trip; 11 queues
-    # carry 3 blocks at most, and the 5 load queues 7 smaller blocks: less on the busiest
-    from tensorlang.lower import assign_queues
+def test_assign_queues_sizes_the_store_pool_by_its_busiest_queue(monkeypatch):
+    # [128 x 384] bf16 loads, [128 x 2048] fp32 stores (32 blocks each): the byte share gives
+    # the stores 15 queues (3 blocks on some); 14 leave the busiest queue less to do by more
+    # than POOL_MIN_GAIN, so the pools are sized 2 + 14
+    from tensorlang import lower
     spec = sim.machine("trn2")
-    out = assign_queues(_tile_loop(256, 256), spec)
-    per = _queue_bytes(out, spec)
-    stores = [q for q, b in per.items() if b[1]]
-    row = 4 * 256 + spec.dma_chunk_overhead_bytes            # one fp32 store row
-    assert len(stores) == 11
-    assert max(sum(b) for b in per.values()) < 32 * 4 * 4 * row   # 10 store queues' busiest
+    body = _tile_loop(384, 2048)
+
+    def busiest(out):
+        return max(sum(b) for b in _queue_bytes(out, spec).values())
+
+    def loads(out):
+        return {q for q, b in _queue_bytes(out, spec).items() if b[0]}
+    chosen, gain = lower.assign_queues(body, spec), lower.POOL_MIN_GAIN
+    monkeypatch.setattr(lower, "POOL_MIN_GAIN", 1.0)          # the byte share only
+    share = lower.assign_queues(body, spec)
+    assert len(loads(share)) == 1 and len(loads(chosen)) == 2
+    assert busiest(chosen) <= (1 - gain) * busiest(share)
