@@ -46,7 +46,7 @@ TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fil
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
 STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
-POOL_MIN_GAIN = 0.1   # compiler choice: a store pool off the byte share must lighten the busiest
+POOL_MIN_GAIN = 0.1   # compiler choice: a store pool above the byte share must lighten the busiest
                       # queue by this fraction
 PEEL_FIRST = 2   # compiler choice: first iterations of a pipelined loop peeled (tile + prefetch)
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
@@ -2095,12 +2095,13 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     claim the shared channel ahead of the loads queued behind them (transpose 4096^2 on
     trn2: 264 -> 224 us). Without both kinds, or with one queue,
     there is one pool of all queues. The store pool has the store bytes' share of the queues
-    (rounded), or one queue more or less when that leaves the busiest queue POOL_MIN_GAIN less
+    (rounded), or one queue more when that leaves the busiest queue POOL_MIN_GAIN less to do
     (pieces are whole blocks: a store of 32 blocks puts 4 blocks on some of 10 queues, 3 at
-    most on 11). Loads that come before the first store in program order (the prologue:
-    top-level fills, the peeled first iterations of a block loop, see Lowerer.bind_loop)
-    use every queue: no store is queued ahead of them; so do stores after the last load
-    (the epilogue: the peeled last iteration): no load is queued behind them."""
+    most on 11; not one less: the stores drain the kernel). Loads that come before the
+    first store in program order (the prologue: top-level fills, the peeled first
+    iterations of a block loop, see Lowerer.bind_loop) use every queue: no store is queued
+    ahead of them; so do stores after the last load (the epilogue: the peeled last
+    iteration): no load is queued behind them."""
     n = spec.dma_queues
     blk = partition_block(spec)                    # pieces on whole partition blocks
     queues = [f"q{i}" for i in range(n)]
@@ -2125,7 +2126,7 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         sizes = [None]
     else:
         stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
-        sizes = [stores] + [s for s in (stores - 1, stores + 1) if 0 < s < n]
+        sizes = [stores] + [s for s in (stores + 1,) if s < n]
     load = [0] * n                                 # queue bytes x trips so far, per queue
     cap = STORE_TRANSFER_BINS * spec.hbm_bin_ns * spec.dma_queue_gbps   # queue bytes
     nxt = {}                                       # per pool: where ties start (round robin)
@@ -2175,7 +2176,7 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         return [i for x in out for i in x]
 
     best = None
-    for stores in sizes:    # the store pool size (bytes ratio +-1) whose busiest queue is least
+    for stores in sizes:    # the store pool size (bytes share, +1) whose busiest queue is least
         pools = ({False: (0, n), True: (0, n)} if stores is None else
                  {False: (0, n - stores), True: (n - stores, stores)})
         load[:] = [0] * n

@@ -693,20 +693,20 @@ def test_assign_queues_epilogue_stores_use_every_queue():
 
 
 def test_assign_queues_sizes_the_store_pool_by_its_busiest_queue(monkeypatch):
-    # [128 x 384] bf16 loads, [128 x 2048] fp32 stores (32 blocks each): the byte share gives
-    # the stores 15 queues (3 blocks on some); 14 leave the busiest queue less to do by more
-    # than POOL_MIN_GAIN, so the pools are sized 2 + 14
+    # [128 x 1536] bf16 loads, [128 x 64] fp32 stores: the byte share gives the stores one
+    # queue, which then carries the most; a second store queue lightens the busiest queue by
+    # more than POOL_MIN_GAIN, so the pools are 14 + 2
     from tensorlang import lower
     spec = sim.machine("trn2")
-    body = _tile_loop(384, 2048)
+    body = _tile_loop(1536, 64)
 
     def busiest(out):
         return max(sum(b) for b in _queue_bytes(out, spec).values())
 
-    def loads(out):
-        return {q for q, b in _queue_bytes(out, spec).items() if b[0]}
+    def stores(out):
+        return {q for q, b in _queue_bytes(out, spec).items() if b[1]}
     chosen, gain = lower.assign_queues(body, spec), lower.POOL_MIN_GAIN
     monkeypatch.setattr(lower, "POOL_MIN_GAIN", 1.0)          # the byte share only
     share = lower.assign_queues(body, spec)
-    assert len(loads(share)) == 1 and len(loads(chosen)) == 2
+    assert len(stores(share)) == 1 and len(stores(chosen)) == 2
     assert busiest(chosen) <= (1 - gain) * busiest(share)
