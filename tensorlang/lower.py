@@ -45,6 +45,10 @@ DEFAULT_FREE_ELEMS = 2048  # compiler choice: default vectorization width when a
 TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fill rotates over
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
+STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
+POOL_MIN_GAIN = 0.1   # compiler choice: a store pool above the byte share must lighten the busiest
+                      # queue by this fraction
+PEEL_FIRST = 2   # compiler choice: first iterations of a pipelined loop peeled (tile + prefetch)
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
 SPLIT_BUSY = 0.8        # ... and one engine would be busier than this fraction of the HBM time
@@ -415,7 +419,11 @@ class Lowerer:
         self.attached = {ss.stage: ss.attach for ss in sched.state.stages if ss.attach}
         self.stage_of_tensor = {st.tensor: st for st in prog.stages}
         self.busy = {e: 0 for e in COMPUTE_ENGINES}       # estimated busy ps per engine so far
+        self.busy_peel = dict(self.busy)    # ... of peeled iterations (fill and drain)
+        self.plans: dict = {}    # the loops' emit_balanced choices by instruction (mirror)
         self.trips = [1]                                  # iterations of the enclosing ISA loops
+        self.peeled = 1          # iterations of the loop whose peeled iteration is being emitted
+        self.peel_bid = None     # stands for the outermost loop body in a peeled iteration (anc)
         self.home: int | None = None                      # memo level for kept intermediates
         self.home_funcs: set = set()                      # activation functions the consumer uses
         self.keep: int | None = None                      # memo level for attached producers' tiles
@@ -423,6 +431,7 @@ class Lowerer:
         self.hoisting = False                             # placing a buffer before the job's loops
         self.bc_sbuf = False                              # broadcast() into SBUF, not PSUM
         self.job_buf0 = 0                                 # first buffer of the current root job
+        self.job_top = 0         # where the current root job's broadcasts go in the top body
         self.anc: dict = {}      # buffer -> (outermost loop body, engines its value came through)
         self.decisions: list = []   # per emit_balanced call: {engine: load it added}
         self.ncall = 0
@@ -443,7 +452,7 @@ class Lowerer:
         self.unfilled: set = set()        # padded copies nothing reads from HBM (not filled)
         self.psum_room = spec.psum_partition_bytes // 2   # for resident broadcasts
         if prior is not None:
-            self.prior, self.proj = prior[0], dict(prior[1])
+            self.prior, self.proj, self.proj_peel = prior[0], dict(prior[1]), dict(prior[3])
             # the first pass knows what the rest of the program needs: the rest is free
             self.psum_room = spec.psum_partition_bytes - prior[2] - spec.psum_bank_bytes
         hbm = sum(math.prod(t.shape) * ITEMSIZE[t.dtype] for t in (*prog.inputs, *prog.outputs))
@@ -456,8 +465,9 @@ class Lowerer:
         if ins.__class__ is isa.Instr and ins.engine in self.busy:
             if ii_ps is None:
                 ii_ps = instr_cost(ins, self.spec).ii_ps
-            self.busy[ins.engine] += ii_ps * self.trips[-1]
-            bid = id(self.body[1]) if len(self.body) > 1 else None
+            busy = self.busy if self.peel_bid is None else self.busy_peel
+            busy[ins.engine] += ii_ps * self.trips[-1]
+            bid = id(self.body[1]) if len(self.body) > 1 else self.peel_bid
             anc = {ins.engine}
             for a in ins.srcs:
                 b, e = self.anc.get(a.name, (None, ()))
@@ -618,8 +628,9 @@ class Lowerer:
                                   f"leaves a tail of {n % s.factor}); keep {s.outer!r} outside it")
         return s.factor
 
-    def bind_loop(self, job: Job, u: str, env: Env, body):
-        """Emit loop atom u (main loop + peeled tail), calling body(env) inside."""
+    def bind_loop(self, job: Job, u: str, env: Env, body, pipe: int = 1):
+        """Emit loop atom u (main loop + peeled tail), calling body(env) inside; its buffers
+        rotate over job.pipe[u] (else `pipe`) slots."""
         s = job.split_of.get(u)
         if s is not None and s.outer == u:
             n = self.ext_of(job, s.parent, env)
@@ -630,13 +641,29 @@ class Lowerer:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
         if (not env.loops and job.hooks.get(u) and parts[0][1] > 2
-                and u not in job.unroll and u not in job.pipe
+                and u not in job.unroll
                 and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
-            # the first iteration of the outermost (non-pipelined) loop that hosts fills is
-            # peeled: its loads precede every store, so they use every DMA queue
-            # (assign_queues) and the first block's operands arrive sooner
-            parts = [(0, 1, parts[0][2]), (1, parts[0][1] - 1, parts[0][2])] + parts[1:]
-        for start, count, inner_ext in parts:
+            # the first iteration of the outermost loop that hosts fills is peeled: its loads
+            # precede every store, so they use every DMA queue (assign_queues) and the first
+            # block's operands arrive sooner; so is the last iteration (when the loop has no
+            # tail): its stores follow every load, so they use every queue too. A pipelined
+            # loop peels up to PEEL_FIRST first iterations (at most its slots) and their
+            # loads go first (hoist_loads): all precede every store
+            (_, n, f), rest = parts[0], parts[1:]
+            last = [] if rest else [(n - 1, 1, f)]
+            first = max(1, min(job.pipe.get(u, 1), PEEL_FIRST, n - len(last)))
+            parts = ([(c, 1, f) for c in range(first)] + [(first, n - first - len(last), f)]
+                     + last + rest)
+        else:
+            first = 0
+        outer_peeled, peel = self.peeled, len(parts) > 1 and not env.loops
+        if len(parts) > 1:
+            self.peeled = sum(p[1] for p in parts)
+        mark, top0 = len(self.body[-1]), self.job_top
+        whole = first > 0 and all(p[1] <= 1 for p in parts)   # no loop left: all peeled
+        for k, (start, count, inner_ext) in enumerate(parts):
+            if k == first and first > 1 and not whole:   # (broadcasts may have gone in
+                self.hoist_loads(mark + self.job_top - top0)  # before the mark)
             if count <= 0:
                 continue
             extra = {u: count if start == 0 else 1}
@@ -644,16 +671,51 @@ class Lowerer:
                 extra[inner] = inner_ext
             if count == 1 or u in job.unroll:
                 for c in range(start, start + count):
+                    if peel:            # a peeled iteration stands for a loop body (emit)
+                        self.peel_bid = ("peel", u, c, len(self.body[0]))
                     e = env.bind(u, Lin(c), **extra)
                     if job.pipe.get(u) == 1 and job.kind.get(u) == "spatial":   # one slot
                         e.pipe = {**e.pipe, SINGLE: len(e.loops)}
                     body(e)
+                if peel:
+                    self.peel_bid = None
             else:
                 e = env.bind(u, Lin.var(u) + start if start else Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
-                if u in job.pipe and (job.pipe[u] > 1 or job.kind.get(u) == "spatial"):
-                    e.pipe = {**e.pipe, u: job.pipe[u]}
+                d = job.pipe.get(u, pipe)
+                if d > 1 or (u in job.pipe and job.kind.get(u) == "spatial"):
+                    e.pipe = {**e.pipe, u: d}
                 self.loop(u, count, lambda e=e: body(e))
+        if whole:
+            self.hoist_loads(mark + self.job_top - top0)
+        self.peeled = outer_peeled
+
+    def hoist_loads(self, i0: int):
+        """Move the HBM loads among the top-level nodes from i0 on ahead of the other nodes
+        there (keeping the loads' order), with the SBUF memsets before them (a padded box's
+        border), as far as no node they pass touches the buffer they fill (any byte of it:
+        buffers are the unit) or writes the tensor they read: the
+        peeled first iterations of a pipelined loop then load all their tiles before the
+        first store, over every DMA queue (assign_queues), as the loop would have."""
+        seg = self.body[-1][i0:]
+        where = {b.name: (b.mem, b.offset, b.offset + b.size) for b in self.buffers}
+        front, rest, rest_bufs, rest_hbm = [], [], [], set()
+        for node in seg:
+            aps = [(a, a is i.dst or a is i.dst2) for i, _ in isa.walk_instrs((node,))
+                   for a in (i.dst, i.dst2, *i.srcs) if a is not None]
+            if isinstance(node, isa.Instr) and (
+                    node.op == "dma" and node.dst.mem != "hbm" and node.srcs[0].mem == "hbm"
+                    and node.srcs[0].name not in rest_hbm
+                    or node.op == "memset" and node.dst.mem == "sbuf"):   # (a box's border)
+                m, lo, hi = where.get(node.dst.name, (node.dst.mem, 0, math.inf))
+                if not any(m == m2 and lo < hi2 and lo2 < hi for m2, lo2, hi2 in rest_bufs):
+                    front.append(node)
+                    continue
+            rest.append(node)
+            rest_hbm.update(a.name for a, w in aps if w and a.mem == "hbm")
+            rest_bufs += [where.get(a.name, (a.mem, 0, math.inf)) for a, _ in aps
+                          if a.mem != "hbm"]
+        self.body[-1][i0:] = front + rest
 
     def emit_loops(self, job: Job, k: int, env: Env):
         if k == job.acc_level:
@@ -796,7 +858,10 @@ class Lowerer:
         if i == len(inner):
             self.store_tile(job, env)
             return
-        self.bind_loop(job, inner[i], env, lambda e2: self._store_nest(job, inner, i + 1, e2))
+        # the staging tiles of the store rotate (STORE_SLOTS): the next tile's copy-out
+        # overlaps this tile's store instead of waiting for its DMA to read the slot
+        self.bind_loop(job, inner[i], env, lambda e2: self._store_nest(job, inner, i + 1, e2),
+                       pipe=STORE_SLOTS)
 
     def store_tile(self, job: Job, env: Env):
         ext = self.tile_ext(job, env, spatial_only=True)
@@ -1017,7 +1082,8 @@ class Lowerer:
     def invariant_broadcast(self, ld: Load, part, deps, env, ext) -> bool:
         """A read the same on every partition and at every loop iteration (a per-feature
         vector such as gamma[j] of a row tile): loaded once for the whole root job."""
-        if len(self.memo) < 2 or ext[part] < 2 or not deps or self.trips[-1] < 2:
+        if (len(self.memo) < 2 or ext[part] < 2 or not deps
+                or max(self.trips[-1], self.peeled) < 2):
             return False
         fl = self.flat(ld.tensor, ld.index)
         if fl.coef(part) or any(c and v not in deps for v, c in fl.terms):
@@ -1033,14 +1099,14 @@ class Lowerer:
         return ok
 
     def broadcast(self, ld: Load, part, deps, env, ext) -> Val:
-        """Emitted before the root job's loops: one row [1, F] from HBM, copied to all P
-        partitions on chip (tensor engine: ones[1, P]^T @ row[1, <=N] into PSUM, then a
-        copy out) -- a broadcast DMA would read the row from HBM P times. The copy stays in
-        PSUM when the program has no matmul and it fits in half of PSUM: a tensor_tensor
+        """Emitted before the root job's loops and peeled iterations: one row [1, F] from HBM,
+        copied to all P partitions on chip (tensor engine: ones[1, P]^T @ row[1, <=N] into
+        PSUM, then a copy out) -- a broadcast DMA would read the row from HBM P times. The copy
+        stays in PSUM when the program has no matmul and it fits in half of PSUM: a tensor_tensor
         with one operand in PSUM runs at one element per cycle instead of two."""
         t = self.tensors[ld.tensor]
         P = ext[part]
-        body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
+        body, trips, self.body, self.trips = self.body, self.trips, [[]], [1]
         root = Env({}, dict(ext))
         try:
             src = self.hbm_ap(ld.tensor, ld.index, part, list(deps), env, ext)
@@ -1087,7 +1153,9 @@ class Lowerer:
                         self.emit_balanced(isa.Instr.make("tensor_copy", "act", dst, (ps_ap,)))
             self.prologue.update(b.name for b in self.buffers[first:])
             return v
-        finally:
+        finally:     # the broadcast goes before the root job's loops and peeled iterations
+            body[0][self.job_top:self.job_top] = self.body[0]
+            self.job_top += len(self.body[0])
             self.body, self.trips, self.hoisting = body, trips, False
 
     def load(self, ld: Load, part: str, deps, env: Env, ext, P: int, into: Val | None = None) -> Val:
@@ -1793,7 +1861,7 @@ class Lowerer:
         # an engine that computed an earlier step of this iteration which reached this
         # instruction through another engine would wait here for that engine, and its next
         # iteration's early steps would queue behind it (in-order streams): avoid it
-        bid = id(self.body[1]) if len(self.body) > 1 else None
+        bid = id(self.body[1]) if len(self.body) > 1 else self.peel_bid
         seen = [(self.writer.get(a.name), self.anc[a.name][1]) for a in ins.srcs
                 if bid is not None and self.anc.get(a.name, (None,))[0] == bid]
         free = [e for e in engines if not any(e in anc and w != e for w, anc in seen)]
@@ -1814,11 +1882,18 @@ class Lowerer:
             return on(i, e)[2] * trips
         k = self.ncall
         self.ncall += 1
+        # the loops balance among themselves: a peeled iteration's (fill, drain) one-off
+        # load would skew their steady state; a peeled iteration makes the choice its loop
+        # made for the same instruction (the last one, see mirror), else balances against all
+        peeled = self.peel_bid is not None
         if self.prior is None:
-            base = dict(self.busy)
+            base = {e: self.busy[e] + (self.busy_peel[e] if peeled else 0)
+                    for e in COMPUTE_ENGINES}
         else:
             was = self.prior[k] if k < len(self.prior) else {}
-            base = {e: self.proj[e] - was.get(e, 0) for e in COMPUTE_ENGINES}
+            proj = self.proj_peel if peeled else self.proj
+            base = {e: proj[e] - was.get(e, 0) + (self.proj[e] if peeled else 0)
+                    for e in COMPUTE_ENGINES}
 
         def peak_of(plan):
             load = dict(base)
@@ -1828,13 +1903,20 @@ class Lowerer:
         plan = min(([(e, ins)] for e in engines),
                    key=lambda p: (*peak_of(p), COMPUTE_ENGINES.index(p[0][0])))
         own = base[plan[0][0]] + cost(ins, plan[0][0])
-        if own > SPLIT_BUSY * self.hbm_ps:
+        key, same = _plan_key(ins), None
+        if peeled and self.prior is not None:      # (second pass: the loads are projected)
+            same = self.mirror(ins, self.plans.get(key), self.engines_for(ins))
+        if same is not None:
+            plan = same
+        elif own > SPLIT_BUSY * self.hbm_ps:
             split = self.split_plan(ins, engines, cost, base)
             # (a transposed fill's one chain: its steps wait for each other, so a wide step
             # split over engines finishes sooner even at an equal peak load)
             if split is not None and (self.streams == 1 and ins.dst.free_size >= SPLIT_MIN_ELEMS
                                       or peak_of(split)[0] < peak_of(plan)[0] * (1 - SPLIT_MIN_GAIN)):
                 plan = split
+        if not peeled and self.trips[-1] > 1:
+            self.plans[key] = tuple((e, i.dst.shape) for e, i in plan)
         mine = {}
         for e, i in plan:
             ie, _, ii = on(i, e)
@@ -1843,7 +1925,27 @@ class Lowerer:
         self.decisions.append(mine)
         if self.prior is not None:
             for e in COMPUTE_ENGINES:
-                self.proj[e] = base[e] + mine.get(e, 0)
+                proj[e] += mine.get(e, 0) - was.get(e, 0)
+
+    def mirror(self, ins: isa.Instr, plan, engines):
+        """`ins` cut and placed as `plan` ((engine, piece shape), ...: a loop's choice for the
+        same instruction) did, or None when that plan does not fit it."""
+        if not plan or any(e not in engines for e, _ in plan):
+            return None
+        if len(plan) == 1:
+            return [(plan[0][0], ins)] if plan[0][1] == ins.dst.shape else None
+        shape = ins.dst.shape
+        d = next((k for k in range(1, len(shape)) if shape[k] > 1), None)
+        if d is None or sum(sh[d] for _, sh in plan) != shape[d]:
+            return None
+        out, start = [], 0
+        for e, sh in plan:
+            k = sh[d]
+            out.append((e, isa.Instr(ins.op, ins.engine, _slice_ap(ins.dst, d, start, k),
+                                     tuple(_slice_ap(a, d, start, k) if a.shape == shape else a
+                                           for a in ins.srcs), ins.attrs, ins.dst2)))
+            start += k
+        return out
 
     def split_plan(self, ins: isa.Instr, engines, cost, base):
         """[(engine, piece)]: `ins` split over 2+ engines so they finish together (from the
@@ -1994,8 +2096,8 @@ class Lowerer:
             eng = self.writer.get(dst2.name, "dve")
 
             def put(i):     # a [P, free] statistic stays on its reduce's engine, as a [P,1]
-                if not job.free:                             # one does (emit_balanced)
-                    return self.emit_balanced(i)
+                if not job.free or eng not in self.engines_for(i):   # one does (emit_balanced;
+                    return self.emit_balanced(i)                     # also: pool cannot PSUM)
                 self.emit(isa.Instr(i.op, eng, i.dst, i.srcs, i.attrs, i.dst2))
             ts = isa.Instr.make("tensor_scalar", "dve", acc_ap if not attrs else dst2, (dst2,),
                                 op0="mul", scalar0=c)
@@ -2124,6 +2226,8 @@ class Lowerer:
             cp = isa.Instr.make("tensor_copy", "act", _rect_ap(acc_ap, 0, mm_rows, 0, C),
                                 (probe.dst,))
             depth = next((env.pipe[v] for v in reversed(env.loops) if env.pipe.get(v, 1) > 1), 1)
+            if depth == 1 and self.peel_bid is not None:   # a peeled iteration of a pipelined
+                depth = job.pipe.get(self.peel_bid[1], 1)  # loop: PSUM for its slots too
             free = (spec.psum_partition_bytes - self.used("psum")) // spec.psum_bank_bytes
 
             def plan(t_cp):        # rows for the tensor engine when act also copies them
@@ -2264,6 +2368,15 @@ def _rect_ap(ap: isa.AP, r0: int, nr: int, c0: int, nc: int) -> isa.AP:
     if len(ap.dims) == 2:
         return _slice_ap(ap, 1, c0, nc)
     return _slice_ap(_slice_ap(ap, 1, r0, nr), 2, c0, nc)
+
+
+def _plan_key(ins: isa.Instr) -> tuple:
+    """An instruction up to its buffers' copies (x, x_1, ...: the same tile in another
+    iteration): what a peeled iteration looks its loop's engine choice up by."""
+    def base(a):
+        return (a.name.rsplit("_", 1)[0] if a.name.rsplit("_", 1)[-1].isdigit() else a.name,
+                a.mem, a.shape)
+    return (ins.op, ins.attrs, base(ins.dst), tuple(base(a) for a in ins.srcs))
 
 
 def _subsets(items, r):
@@ -2438,7 +2551,8 @@ def lower(sched: Schedule, spec) -> tuple[isa.Program, Program]:
     lw = _lower_jobs(prog, sched, spec, pads, None)
     if lw.decisions:
         first = lw
-        lw = _lower_jobs(prog, sched, spec, pads, (lw.decisions, lw.busy, lw.psum_peak))
+        lw = _lower_jobs(prog, sched, spec, pads,
+                         (lw.decisions, lw.busy, lw.psum_peak, lw.busy_peel))
         first.close()
     tensors = []
     for t in prog.inputs:
@@ -2478,7 +2592,7 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
                     filled.add(name)
         job = make_job(lw, st, ss, None)
         add_hooks(lw, job, st, sched)
-        lw.job_buf0 = len(lw.buffers)
+        lw.job_buf0, lw.job_top = len(lw.buffers), len(lw.body[0])
         with lw.level():
             lw.run_job(job, Env({}, {}))
         job.hooks.clear()       # its closures refer to the job: break the cycle (else: GC)
@@ -2513,9 +2627,14 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     (see _sequential): stores start all at once when a tile is done, and long ones would
     claim the shared channel ahead of the loads queued behind them (transpose 4096^2 on
     trn2: 264 -> 224 us). Without both kinds, or with one queue,
-    there is one pool of all queues. Loads that come before the first store in program order
-    (the prologue: top-level fills, the peeled first iteration of a block loop, see
-    Lowerer.bind_loop) use every queue: no store is queued ahead of them."""
+    there is one pool of all queues. The store pool has the store bytes' share of the queues
+    (rounded), or one queue more when that leaves the busiest queue POOL_MIN_GAIN less to do
+    (pieces are whole blocks: a store of 32 blocks puts 4 blocks on some of 10 queues, 3 at
+    most on 11; not one less: the stores drain the kernel). Loads that come before the
+    first store in program order (the prologue: top-level fills, the peeled first
+    iterations of a block loop, see Lowerer.bind_loop) use every queue: no store is queued
+    ahead of them; so do stores after the last load (the epilogue: the peeled last
+    iteration): no load is queued behind them."""
     n = spec.dma_queues
     blk = partition_block(spec)                    # pieces on whole partition blocks
     queues = [f"q{i}" for i in range(n)]
@@ -2525,6 +2644,11 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
                                isa.walk_instrs((node,)))), len(body))
     prologue = {id(i) for node in body[:first_store] for i, _ in isa.walk_instrs((node,))
                 if i.op == "dma"}      # loads before the first store: no store can wait on them
+    last_load = max((k for k, node in enumerate(body)
+                     if any(i.op == "dma" and i.dst.mem != "hbm" for i, _ in
+                            isa.walk_instrs((node,)))), default=-1)
+    prologue |= {id(i) for node in body[last_load + 1:] for i, _ in isa.walk_instrs((node,))
+                 if i.op == "dma"}     # stores after the last load: no load waits behind them
     trips, moved = {}, {False: 0, True: 0}
     for ins, loops in isa.walk_instrs(body):
         if ins.op == "dma":
@@ -2532,10 +2656,10 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
             trips[id(ins)] = trips.get(id(ins), 0) + mult
             moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
     if n < 2 or not moved[False] or not moved[True]:
-        pools = {False: (0, n), True: (0, n)}
+        sizes = [None]
     else:
         stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
-        pools = {False: (0, n - stores), True: (n - stores, stores)}
+        sizes = [stores] + [s for s in (stores + 1,) if s < n]
     load = [0] * n                                 # queue bytes x trips so far, per queue
     cap = STORE_TRANSFER_BINS * spec.hbm_bin_ns * spec.dma_queue_gbps   # queue bytes
     nxt = {}                                       # per pool: where ties start (round robin)
@@ -2584,7 +2708,16 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
             out[j] = [isa.Instr("dma", queues[q], d, (s_,)) for d, s_ in seq]
         return [i for x in out for i in x]
 
-    return tuple(_map_dmas(body, split))
+    best = None
+    for stores in sizes:    # the store pool size (bytes share, +1) whose busiest queue is least
+        pools = ({False: (0, n), True: (0, n)} if stores is None else
+                 {False: (0, n - stores), True: (n - stores, stores)})
+        load[:] = [0] * n
+        nxt.clear()
+        out = tuple(_map_dmas(body, split))
+        if best is None or max(load) < best[0] * (1 - POOL_MIN_GAIN):
+            best = (max(load), out)
+    return best[1]
 
 
 def _sequential(dst: isa.AP, src: isa.AP, cap: float, spec: sim.MachineSpec) -> list:

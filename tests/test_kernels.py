@@ -181,7 +181,9 @@ def test_depthwise_planes(xs, k, stride, padding, dilation, dtype):
     st = dict(stride=stride, padding=padding, dilation=dilation)
     ref = np.concatenate([conv_ref(X[:, c:c + 1], Wd[c][None, None], **st)
                           for c in range(xs[1])], 1)
-    kc = check(kernels.depthwise_conv2d, (X, Wd), ref, dtype, **st)
+    check(kernels.depthwise_conv2d, (X, Wd), ref, dtype, **st)   # what users get
+    kc = kernels.depthwise_conv2d.compile(X, Wd, use_records=False, **st)   # the template's
+    assert_close(kc.run(X, Wd), ref, dtype, what=f"depthwise template {st}")
     asm = kc.asm()
     assert "X_pad" not in asm.split("loop")[0].split("buffer")[0]   # no padded copy in HBM
     assert "tensor_reduce" not in asm                                # one pass per tap
@@ -522,6 +524,84 @@ def test_norm_statistics_fuse_and_gamma_is_loaded_once():
     assert_close(kern.run(X, g), prog.reference(X, g), "bfloat16")
 
 
+@pytest.mark.parametrize("machine", ["trn2", "trn1"])
+def test_pipelined_row_loop_peels_its_first_and_last_tiles_over_every_queue(machine):
+    """A pipelined row-tile loop (layernorm, 8 tiles, 3 slots): its first PEEL_FIRST (2)
+    iterations are peeled and their loads hoisted ahead of their compute, so every load of
+    them precedes the first store and uses every DMA queue (the fill at full bandwidth); the last
+    iteration is peeled too, its stores after every load, over every queue (the drain).
+    gamma and beta are broadcast once, before the peeled tiles. Values equal numpy."""
+    from tensorlang.lower import PEEL_FIRST
+    M, N = 1024, 768
+    specs, static = workload("layernorm", (M, N))
+    prog = kernels.layernorm.trace(*specs)
+    kern = kernels.layernorm.template_schedule(prog, machine, 0).build(machine)
+    body = kern.program.body
+    top = [i for i in body if not isinstance(i, sim.isa.Loop)]
+    loop = [i for i in body if isinstance(i, sim.isa.Loop)]
+    assert len(loop) == 1 and loop[0].extent == M // 128 - PEEL_FIRST - 1
+    queues = {f"q{k}" for k in range(sim.machine(machine).dma_queues)}
+    first_store = next(k for k, i in enumerate(top) if i.op == "dma" and i.dst.mem == "hbm")
+    x_first = [i for i in top[:first_store] if i.op == "dma" and i.srcs[0].name == "X"]
+    y_last = [i for i in body[body.index(loop[0]) + 1:] if i.op == "dma" and i.dst.name == "Y"]
+    assert sum(i.dst.num_elements for i in x_first) == PEEL_FIRST * 128 * N
+    assert {i.engine for i in x_first} == queues
+    assert sum(i.dst.num_elements for i in y_last) == 128 * N
+    assert {i.engine for i in y_last} == queues
+    bc = [k for k, i in enumerate(top) if i.op == "matmul"]            # gamma / beta broadcast
+    assert bc and max(bc) < top.index(x_first[0])
+
+    def work(nodes):    # the last tile's engines and splits are the loop's (Lowerer.mirror)
+        return [(i.op, i.engine, i.dst.shape) for i in nodes if i.op != "dma"]
+    assert work(body[body.index(loop[0]) + 1:]) == work(loop[0].body)
+    assert not [i for i, _ in walk_instrs(body)
+                if i.op == "dma" and i.srcs[0].name in ("gamma", "beta") and i.dst.partitions > 1]
+    X, g, b = R((M, N), seed=1), R((N,), seed=2), R((N,), seed=3)
+    x = f32(X)
+    mu, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
+    assert_close(kern.run(X, g, b), (x - mu) / np.sqrt(var + 1e-5) * f32(g) + f32(b), "bfloat16")
+
+
+def test_short_pipelined_loop_is_peeled_whole_with_every_load_first():
+    """rmsnorm with 4 row tiles: the loop is peeled whole (first tiles, middle, last); every
+    load of X is hoisted ahead of the first store, so the loads and the stores each use
+    every DMA queue. Values equal numpy."""
+    M, N = 512, 1024
+    specs, static = workload("rmsnorm", (M, N))
+    prog = kernels.rmsnorm.trace(*specs)
+    kern = kernels.rmsnorm.template_schedule(prog, "trn2", 0).build("trn2")
+    body = kern.program.body
+    assert not any(isinstance(i, sim.isa.Loop) for i in body)
+    dmas = [i for i in body if i.op == "dma"]
+    x = [k for k, i in enumerate(dmas) if i.srcs[0].name == "X"]
+    y = [k for k, i in enumerate(dmas) if i.dst.name == "Y"]
+    assert max(x) < min(y)
+    assert sum(dmas[k].dst.num_elements for k in x) == M * N
+    queues = {f"q{k}" for k in range(sim.machine("trn2").dma_queues)}
+    assert {dmas[k].engine for k in x} == queues == {dmas[k].engine for k in y}
+    X, g = R((M, N), seed=1), R((N,), seed=2)
+    assert_close(kern.run(X, g), rms(f32(X), f32(g)), "bfloat16")
+
+
+def test_store_nest_staging_tiles_are_double_buffered():
+    """matmul (BERT QKV): the row blocks of a PSUM accumulator are copied out and stored in a
+    loop; the staging tile rotates over STORE_SLOTS slots (or has a slot per row tile), so the
+    next block's copy-out does not wait for this block's store to read the tile. Values equal
+    numpy."""
+    from tensorlang.lower import STORE_SLOTS
+    M, N, K = 512, 768, 768
+    specs, static = workload("matmul", (M, N, K))
+    prog = kernels.matmul.trace(*specs)
+    kern = kernels.matmul.template_schedule(prog, "trn2", 0).build("trn2")
+    outs = [i for i, loops in walk_instrs(kern.program.body)
+            if loops and i.op == "tensor_copy" and i.dst.name.startswith("C_out")]
+    # rotating over >= STORE_SLOTS slots (the template pipelines its row tiles: pi of them)
+    assert outs and all(any(m >= STORE_SLOTS or (m == 0 and c) for _, c, m in i.dst.offset.terms)
+                        for i in outs)
+    A, B = R((M, K), seed=1), R((K, N), seed=2)
+    assert_close(kern.run(A, B), f32(A) @ f32(B), "bfloat16")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_layernorm_prefills_beta_and_accumulates_gamma_in_one_pass(dtype):
     """layernorm's output tile is filled with beta first (a copy that needs no statistic),
@@ -529,7 +609,7 @@ def test_layernorm_prefills_beta_and_accumulates_gamma_in_one_pass(dtype):
     separate +beta pass; rsqrt(ssq / N + eps) is one activation (scale 1/N, bias eps); the
     wide normalise splits on destination granules. Values equal numpy, also for rows far
     from zero mean."""
-    M, N = 512, 1024
+    M, N = 1024, 1024     # 8 row tiles: a loop between the peeled first and last ones
     specs, static = workload("layernorm", (M, N), dtype)
     prog = kernels.layernorm.trace(*specs)
     kern = kernels.layernorm.template_schedule(prog, "trn2", 0).build("trn2")

@@ -576,6 +576,18 @@ def test_hoisted_broadcast_is_not_overwritten_by_the_loop_body():
     check_values(prog, s.build("trn2"), inputs, ref, "float32")
 
 
+
+def test_row_statistic_scaled_into_psum_is_not_left_on_pool():
+    """layernorm's mean accumulated in PSUM (cache_write): the 1/N scale of the row sum
+    writes PSUM, which the reduce's engine (pool, the SBUF sum) cannot: another engine."""
+    prog, inputs, ref = case("layernorm", "float32")
+    s = prog.schedule()
+    io, ii = s.split(s.axes("mean")[0], 24)
+    s.partition(io)
+    s.cache_write("mean", "psum")
+    check_values(prog, s.build("trn2"), inputs, ref, "float32")
+
+
 # DMA queue assignment (lower.assign_queues)
 
 def _queue_bytes(body, spec):
@@ -657,3 +669,44 @@ def test_assign_queues_cuts_stores_into_few_bin_transfers():
     assert sum(i.dst.num_elements for i in stores) == 128 * 4096
     blk = partition_block(spec)
     assert all(i.srcs[0].part % blk == 0 for i in stores)
+
+
+def test_assign_queues_epilogue_stores_use_every_queue():
+    # a loop of loads and stores, then a peeled last iteration (top level): its store comes
+    # after every load, so it is spread over all queues; the loop's stores keep their pool
+    from tensorlang.lower import assign_queues
+    spec = sim.machine("trn2")
+    (loop,) = _tile_loop(512, 512, n=3)
+    first_ld = _tile_loop(512, 512)[0].body[0]
+    ld, stv = _tile_loop(512, 512)[0].body                 # distinct instructions
+    out = assign_queues((first_ld, loop, ld, stv), spec)
+    tail = [i for i in out[-spec.dma_queues:] if i.op == "dma"]
+    assert all(i.dst.mem == "hbm" for i in tail)
+    assert {i.engine for i in tail} == {f"q{k}" for k in range(spec.dma_queues)}
+    assert sum(i.dst.num_elements for i in tail) == 128 * 512
+    walk = list(sim.isa.walk_instrs(out))
+    in_loop = {i.engine for i, loops in walk if loops and i.dst.mem == "hbm"}
+    loop_loads = {i.engine for i, loops in walk if loops and i.dst.mem != "hbm"}
+    assert in_loop and loop_loads and not in_loop & loop_loads
+    first = [i for i in out if isinstance(i, sim.isa.Instr)][:spec.dma_queues]   # prologue
+    assert {i.engine for i in first} == {f"q{k}" for k in range(spec.dma_queues)}
+
+
+def test_assign_queues_sizes_the_store_pool_by_its_busiest_queue(monkeypatch):
+    # [128 x 1536] bf16 loads, [128 x 64] fp32 stores: the byte share gives the stores one
+    # queue, which then carries the most; a second store queue lightens the busiest queue by
+    # more than POOL_MIN_GAIN, so the pools are 14 + 2
+    from tensorlang import lower
+    spec = sim.machine("trn2")
+    body = _tile_loop(1536, 64)
+
+    def busiest(out):
+        return max(sum(b) for b in _queue_bytes(out, spec).values())
+
+    def stores(out):
+        return {q for q, b in _queue_bytes(out, spec).items() if b[1]}
+    chosen, gain = lower.assign_queues(body, spec), lower.POOL_MIN_GAIN
+    monkeypatch.setattr(lower, "POOL_MIN_GAIN", 1.0)          # the byte share only
+    share = lower.assign_queues(body, spec)
+    assert len(stores(share)) == 1 and len(stores(chosen)) == 2
+    assert busiest(chosen) <= (1 - gain) * busiest(share)
