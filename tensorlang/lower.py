@@ -2912,13 +2912,28 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 banks = max(1, min(TRANSPOSE_PSUM_SLOTS, free) // 2) if bank % tb == 0 else 1
                 per = min(banks * (bank // tb), n_u // 2)      # no tile across two banks
                 nb = -(-per * tb // bank)
-                ring = Env(e2.lin, e2.ext, e2.loops + (v2,), {v2: nb})
+                # a whole row in fewer banks than are free, inside a loop over the rows (the
+                # staged row tiles): the ring also rotates over that loop (up to every free
+                # bank), so the next row's transposes do not wait for this row's copies
+                o = outer[-1] if outer and e2.loops and e2.loops[-1] == outer[-1] else None
+                m = (max(1, min(free // (2 * nb), lw.nominal(job, o, e2)))
+                     if o is not None and per == n_u // 2 else 1)
+                ring = Env(e2.lin, e2.ext, e2.loops + (v2,), {v2: nb * m})
                 with lw.level():
                     # at the top of PSUM when free there: the consumer's accumulators are
                     # placed from the bottom, and the first ones it uses wait for no copy
-                    lw.cursor["psum"] = max(0, lw.spec.psum_partition_bytes - 2 * nb * bank)
+                    lw.cursor["psum"] = max(0, lw.spec.psum_partition_bytes - 2 * nb * m * bank)
                     rings = []
-                    for _ in range(2):    # bank-sized slots over v2: contiguous banks
+                    if m > 1:   # one block, the two engines' rings interleaved per row, so
+                        # a row's first transposes take the banks the accumulators free first
+                        rb, rn = lw.alloc("psum", bank, f"{bname}_T",
+                                          Env(e2.lin, e2.ext, e2.loops + (v2,), {v2: 2 * nb * m}))
+                        for k in range(2):
+                            rings.append(Val("psum", Lin(rb.const + k * nb * bank)
+                                             + Lin(0, ((v2, tb, per),))
+                                             + Lin(0, ((o, 2 * nb * bank, m),)),
+                                             (f,), (1,), "float32", rn))
+                    for _ in range(2 if m == 1 else 0):   # bank-sized slots over v2: contiguous
                         rb, rn = lw.alloc("psum", bank, f"{bname}_T", ring)
                         rings.append(Val("psum", Lin(rb.const) + Lin(0, ((v2, tb, per),)), (f,),
                                          (1,), "float32", rn))

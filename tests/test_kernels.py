@@ -123,6 +123,9 @@ def test_bmm(dtype, shape):
     k = kernels.bmm.compile(A, B, use_records=False)
     assert k.choice.source == "template expert"
     assert_close(k.run(A, B), np.matmul(f32(A), f32(B)), dtype)
+    if M >= 1024 and dtype != "float32":   # 8 row tiles of 4 k tiles: the fill's PSUM ring
+        ring = next(b for b in k.program.buffers if b.name == "A_rows_T")   # spans the rows
+        assert ring.size > 2 * k.spec.psum_bank_bytes, ring
 
 
 def test_bad_shapes_are_one_clear_error():
