@@ -164,8 +164,9 @@ def tile_matmul(s, stage: str, cfg: dict, a: str, b: str):
         s.pipeline(ioi, min(cfg["pi"], ext(s, ioi)))
     if ioi is not None:
         s.cache_read(b, "sbuf", ko)
-    if cfg["cache_a"]:
-        s.cache_read(a, "sbuf", ioo)
+    if cfg["cache_a"]:   # a batch of one row block: at the batch loop (its first iteration
+        # is then peeled, and the first A block loads on every DMA queue; lower.bind_loop)
+        s.cache_read(a, "sbuf", batch[-1] if batch and ext(s, ioo) == 1 else ioo)
     return ioo, jo, ko, ioi
 
 
