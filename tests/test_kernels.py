@@ -128,6 +128,17 @@ def test_bmm(dtype, shape):
         assert ring.size > 2 * k.spec.psum_bank_bytes, ring
 
 
+def test_psum_evacuation_split_over_act_and_dve():
+    """Where the vector engine can read PSUM alongside the scalar engine (trn2, not trn1),
+    an accumulator's evacuation is split between the two; the values are the same."""
+    A, B = R((256, 256)), R((256, 512), seed=1)
+    for machine, split in (("trn2", True), ("trn1", False)):
+        k = kernels.matmul.compile(A, B, machine=machine, use_records=False)
+        evac = [ln for ln in k.asm().splitlines() if "tensor_copy" in ln and "<- psum:C_acc" in ln]
+        assert evac and any("tensor_copy.dve" in ln for ln in evac) == split, evac
+        assert_close(k.run(A, B), f32(A) @ f32(B), "bfloat16")
+
+
 def test_bad_shapes_are_one_clear_error():
     with pytest.raises(tl.TensorlangError, match="inner dimensions differ"):
         kernels.matmul(R((4, 8)), R((9, 4)))
