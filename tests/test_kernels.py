@@ -123,6 +123,20 @@ def test_bmm(dtype, shape):
     k = kernels.bmm.compile(A, B, use_records=False)
     assert k.choice.source == "template expert"
     assert_close(k.run(A, B), np.matmul(f32(A), f32(B)), dtype)
+    if M >= 1024 and dtype != "float32":   # 8 row tiles of 4 k tiles: the fill's PSUM ring
+        ring = next(b for b in k.program.buffers if b.name == "A_rows_T")   # spans the rows
+        assert ring.size > 2 * k.spec.psum_bank_bytes, ring
+
+
+def test_psum_evacuation_split_over_act_and_dve():
+    """Where the vector engine can read PSUM alongside the scalar engine (trn2, not trn1),
+    an accumulator's evacuation is split between the two; the values are the same."""
+    A, B = R((256, 256)), R((256, 512), seed=1)
+    for machine, split in (("trn2", True), ("trn1", False)):
+        k = kernels.matmul.compile(A, B, machine=machine, use_records=False)
+        evac = [ln for ln in k.asm().splitlines() if "tensor_copy" in ln and "<- psum:C_acc" in ln]
+        assert evac and any("tensor_copy.dve" in ln for ln in evac) == split, evac
+        assert_close(k.run(A, B), f32(A) @ f32(B), "bfloat16")
 
 
 def test_bad_shapes_are_one_clear_error():
