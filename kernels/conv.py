@@ -42,18 +42,12 @@ def conv2d_algo(X, Wt, stride=1, padding=0, dilation=1, out_dtype="float32"):
     OH = _out_size("conv2d", H, KH, stride, padding, dilation)
     OW = _out_size("conv2d", W, KW, stride, padding, dilation)
     Y = tl.tensor((N, O, OH, OW), out_dtype, name="Y")
-    if padding:
-        Xp = tl.tensor((N, C, H + 2 * padding, W + 2 * padding), X.dtype, name="Xp")
-        Xz = X.pad(0.0)
-        for n, c, h, w in tl.grid(N, C, H + 2 * padding, W + 2 * padding):
-            Xp[n, c, h, w] = Xz[n, c, h - padding, w - padding]
-    else:
-        Xp = X
+    Xz = X.pad(0.0) if padding else X
     for n, o, h, w in tl.grid(N, O, OH, OW):
         Y[n, o, h, w] = 0.0
         for kh, kw, c in tl.reduce(KH, KW, C):
-            Y[n, o, h, w] += Wt[o, c, kh, kw] * Xp[n, c, h * stride + kh * dilation,
-                                                   w * stride + kw * dilation]
+            Y[n, o, h, w] += Wt[o, c, kh, kw] * Xz[n, c, h * stride + kh * dilation - padding,
+                                                   w * stride + kw * dilation - padding]
     return Y
 
 
@@ -126,22 +120,23 @@ def template(s, cfg):
     oo, oi = s.split(o, _even(ext(s, o), cfg["ot"]))
     co, ci = s.split(c, _even(ext(s, c), cfg["ct"]))
     outer, free = _spatial_free(s, "Y", h, w, cfg["free"])
-    s.reorder(n, oo, *outer, co, kh, kw, oi, *free, ci)
+    wt = s.prog.tensors["Wt"]
+    few = math.prod(wt.shape) * ITEMSIZE[wt.dtype] // 128 <= cfg["wt_kib"] * 1024
+    # few weights: all of them loaded (and transposed) once, outside the images (an outer
+    # loop of one iteration over the batch holds them), both output blocks' rows at once
+    top, n = s.split(n, ext(s, n)) if few and ext(s, n) > 1 else (n, n)
+    s.reorder(*dict.fromkeys((top, n)), oo, *outer, co, kh, kw, oi, *free, ci)
     s.partition(oi)
     for f in free:
         s.vectorize(f)
     s.tensorize(ci, "matmul")
     if cfg["pipe"] > 1 and ext(s, co) > 1:
         s.pipeline(co, cfg["pipe"])
-    # weights: natural rows [o, c*kh*kw] loaded whole and transposed per tap on chip; all of
-    # them up front (both output blocks' rows load at once) when they take little SBUF
-    wt = s.prog.tensors["Wt"]
-    per_partition = math.prod(wt.shape) * ITEMSIZE[wt.dtype] // 128
-    s.cache_read("Wt", "sbuf", n if per_partition <= cfg["wt_kib"] * 1024 else oo)
-    if len(s.prog.stages) > 1:  # the zero-padded input, computed on chip per channel step
-        s.compute_at("Xp", co)
-    else:                       # one window box per channel step, shared by the taps
-        s.cache_read("X", "sbuf", co)
+    # weights: natural rows [o, c*kh*kw] loaded whole and transposed per tap on chip
+    s.cache_read("Wt", "sbuf", top if few else oo)
+    # one window box per channel step, shared by the taps; with one channel step, one box
+    # (the whole padded plane) per image, shared by the output blocks and row blocks too
+    s.cache_read("X", "sbuf", n if ext(s, co) == 1 else co)
 
 
 def simple(s, cfg):

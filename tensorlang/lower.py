@@ -3140,7 +3140,8 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
         sp = job.split_of.get(u)
         if (sp is not None and sp.tail) or (u in job.unroll and u not in slots):
             return False
-    coef = [{a: ix.coef(a) for a in inner if ix.coef(a)} for ix in ld.index]
+    one = {u for u in slots if nom[u] == 1}     # a slot loop of one iteration: always 0
+    coef = [{a: ix.coef(a) for a in inner if ix.coef(a) and a not in one} for ix in ld.index]
     dp = [d for d, c in enumerate(coef) if part in c]
     if len(dp) != 1 or coef[dp[0]] != {part: 1} or any(c < 0 for cd in coef for c in cd.values()):
         return False
@@ -3326,9 +3327,23 @@ def _pad_on_chip(lw: Lowerer, ld: Load, inner, dp: int, P: int, box, bstride, ba
         const = sum((span[d][1] - lo[d] if d in where else outer[d].const - lo[d]) * sstride[d]
                     for d in range(len(sshape)))
         off = lw.split_affine(Affine(terms, const), env)
-        lw.dma(region({d: (span[d][1], span[d][2]) for d in order}),
-               isa.AP("hbm", src, dtype, off.addr(), ((sstride[dp], P),) +
-                      tuple((sstride[d], span[d][2] - span[d][1]) for d in order)))
+        into = region({d: (span[d][1], span[d][2]) for d in order})
+        hbm = isa.AP("hbm", src, dtype, off.addr(), ((sstride[dp], P),) +
+                     tuple((sstride[d], span[d][2] - span[d][1]) for d in order))
+        sizes = [span[d][2] - span[d][1] for d in order]
+        if (contiguous_runs(into) > P and contiguous_runs(hbm) <= P
+                and sizes[-1] * size < lw.spec.dma_chunk_overhead_bytes):
+            # interior rows shorter than the box's (padded columns) and than a DMA chunk's
+            # overhead: each row a chunk would cost more queue time than its bytes; one
+            # contiguous DMA into a staging tile and one on-chip copy into the box instead
+            sb, sname = lw.alloc("sbuf", math.prod(sizes) * size, f"{bname}_in", env)
+            st = _strides(sizes)
+            stage = isa.AP("sbuf", sname, dtype, sb.addr(),
+                           ((1, P),) + tuple((st[k], sizes[k]) for k in range(len(order))))
+            lw.dma(stage, hbm)
+            lw.emit_balanced(isa.Instr.make("tensor_copy", "pool", into, (stage,)))
+        else:
+            lw.dma(into, hbm)
     return True
 
 
