@@ -2486,9 +2486,9 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
 
 def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     """Split every DMA over the DMA queues. Loads and stores (DMAs writing HBM) get their own
-    pools of queues, sized by the queue time each kind costs over the whole program (bytes
-    plus dma_chunk_overhead_bytes per contiguous chunk, times the enclosing loops' trip
-    counts): queues are in-order, so a load queued behind a store (which waits for its tile
+    pools of queues, sized by the queue time each kind costs over the program after the
+    prologue (bytes plus dma_chunk_overhead_bytes per contiguous chunk, times the enclosing
+    loops' trip counts; the prologue's loads, below, wait for no store): queues are in-order, so a load queued behind a store (which waits for its tile
     to be computed) would stall the compute that needs it. Each transfer is cut along its
     first dimension into up to one piece per queue of its pool (pieces of whole partition
     blocks and of at least DMA_PIECE_BYTES, floor/ceil blocks each), and each piece goes to
@@ -2519,7 +2519,8 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         if ins.op == "dma":
             mult = math.prod(lp.extent for lp in loops)
             trips[id(ins)] = trips.get(id(ins), 0) + mult
-            moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
+            if id(ins) not in prologue:        # (the prologue's loads share no queue time)
+                moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
     if n < 2 or not moved[False] or not moved[True]:
         pools = {False: (0, n), True: (0, n)}
     else:
