@@ -537,7 +537,9 @@ TEMPLATE_CONVS = [((1, 16, 8, 8), (32, 16, 3, 3), 1, 1, 1), ((2, 8, 9, 9), (16, 
                   ((1, 130, 12, 12), (64, 130, 5, 5), 2, 2, 1), ((1, 64, 28, 28), (64, 64, 1, 1), 1, 0, 1),
                   ((3, 160, 10, 10), (144, 160, 3, 3), 1, 1, 1),   # weights once for all images
                   ((2, 32, 40, 36), (48, 32, 3, 3), 1, 1, 1),      # one channel step: plane per image
-                  ((2, 24, 21, 19), (40, 24, 3, 3), 2, 1, 1), ((1, 40, 17, 23), (24, 40, 3, 3), 1, 3, 2)]
+                  ((2, 24, 21, 19), (40, 24, 3, 3), 2, 1, 1), ((1, 40, 17, 23), (24, 40, 3, 3), 1, 3, 2),
+                  ((1, 3, 30, 26), (20, 3, 7, 7), 2, 3, 1),        # stem-like: (c, kh) folded
+                  ((2, 4, 12, 11), (8, 4, 5, 5), 1, 2, 2)]
 
 
 @pytest.mark.parametrize("xs,ws,stride,padding,dilation", TEMPLATE_CONVS)
@@ -591,6 +593,19 @@ def _conv_padded_stage(X, Wt):
         for kh, kw, c in tl.reduce(3, 3, C):
             Y[n, o, h, w] += Wt[o, c, kh, kw] * Xp[n, c, h + kh, w + kw]
     return Y
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_conv2d_few_channels_fold_taps_into_the_contraction(which):
+    """C = 3, 7x7 (the ResNet stem): the (c, kh) taps are folded onto the partitions, so each
+    matmul contracts over C * KH = 21 rows, one per kw tap (expert and simple templates)."""
+    X, Wt = R((2, 3, 20, 18)), R((24, 3, 7, 7), seed=1)
+    prog = kernels.conv2d.trace(X, Wt, stride=2, padding=3)
+    assert {"Xk", "Wk"} <= set(prog.tensors)
+    k = kernels.conv2d.template_schedule(prog, which=which).build()
+    mms = [ln for ln in k.asm().splitlines() if ln.strip().startswith("matmul.pe")]
+    assert mms and all("[1,21]" in ln for ln in mms)
+    assert_close(k.run(X, Wt), conv_ref(X, Wt, 2, 3, 1), "bfloat16")
 
 
 def test_compute_at_of_a_stage_reading_a_padded_tensor():
