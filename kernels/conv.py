@@ -142,6 +142,12 @@ def _fold_stages(s):
     s.vectorize(w)
     if ext(s, kh) > 1:
         s.pipeline(kh, min(8, ext(s, kh)))
+    o, c, kh, kw = s.axes("Wk")
+    oo, oi = s.split(o, _even(ext(s, o), 128))
+    s.reorder(oo, oi, c, kh, kw)
+    s.partition(oi)
+    for f in (c, kh, kw):
+        s.vectorize(f)
 
 
 def folded(s, cfg):
