@@ -99,7 +99,7 @@ depthwise_algo.name = "depthwise_conv2d"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 2, "wt_kib": 48, "fold_pipe": 4}
+DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 4, "opipe": 2, "wt_kib": 48, "fold_pipe": 4}
 DW_DEFAULT = {"free": 512, "pipe": 2, "plane_kib": 64, "small_kib": 8}
 
 
@@ -191,8 +191,10 @@ def template(s, cfg):
     for f in free:
         s.vectorize(f)
     s.tensorize(ci, "matmul")
-    if cfg["pipe"] > 1 and ext(s, co) > 1:
-        s.pipeline(co, cfg["pipe"])
+    if cfg["pipe"] > 1 and ext(s, co) > 1:           # channel steps' input loads ahead
+        s.pipeline(co, min(cfg["pipe"], ext(s, co)))
+    if cfg["opipe"] > 1 and outer and ext(s, outer[-1]) > 1:
+        s.pipeline(outer[-1], cfg["opipe"])     # a row block's store overlaps the next one
     # weights: natural rows [o, c*kh*kw] loaded whole and transposed per tap on chip
     s.cache_read("Wt", "sbuf", top if few else oo)
     # one window box per channel step, shared by the taps; with one channel step, one box
