@@ -2846,7 +2846,10 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
     dtype = lw.tensors[ld.tensor].dtype
     if not row or span * ITEMSIZE[dtype] > lw.spec.sbuf_partition_bytes // 8:
         return False
-    row = [u for u in slots if u in row]          # keep the schedule's loop order
+    row = [u for u in slots if u in row]          # keep the schedule's loop order, but an
+    even = [u for u in row if nom[u] % 2 == 0]   # even loop innermost (copies pair up, below)
+    if even and nom[row[-1]] % 2:
+        row = [u for u in row if u != even[-1]] + [even[-1]]
     outer = [u for u in slots if u not in row]
     coef = {u: fl.coef(u) for u in row}
 
@@ -2876,7 +2879,7 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
             def each(e2, j=0):
                 u = row[j]
                 n_u = lw.nominal(job, u, e2)
-                if j < len(row) - 1 or n_u < 4 or n_u % 2:
+                if j < len(row) - 1 or n_u < 2 or n_u % 2:
                     if j < len(row) - 1:
                         lw.bind_loop(job, u, e2, lambda e3: each(e3, j + 1))
                     else:
@@ -2894,6 +2897,11 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 free = (lw.spec.psum_partition_bytes - lw.used("psum")) // bank
                 banks = max(1, min(TRANSPOSE_PSUM_SLOTS, free) // 2) if bank % tb == 0 else 1
                 per = min(banks * (bank // tb), n_u // 2)      # no tile across two banks
+                rot = v2           # one pair: the tiles rotate over the next row loop out
+                out_u = e2.lin.get(row[j - 1]) if n_u == 2 and j > 0 else None
+                if out_u is not None and len(out_u.terms) == 1 and out_u.terms[0][1:] == (1, 0):
+                    rot = out_u.terms[0][0]
+                    per = min(banks * (bank // tb), lw.nominal(job, row[j - 1], e2))
                 nb = -(-per * tb // bank)
                 ring = Env(e2.lin, e2.ext, e2.loops + (v2,), {v2: nb})
                 with lw.level():
@@ -2903,7 +2911,7 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                     rings = []
                     for _ in range(2):    # bank-sized slots over v2: contiguous banks
                         rb, rn = lw.alloc("psum", bank, f"{bname}_T", ring)
-                        rings.append(Val("psum", Lin(rb.const) + Lin(0, ((v2, tb, per),)), (f,),
+                        rings.append(Val("psum", Lin(rb.const) + Lin(0, ((rot, tb, per),)), (f,),
                                          (1,), "float32", rn))
 
                     def pair():
