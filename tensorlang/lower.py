@@ -3368,6 +3368,9 @@ def fill_padded(lw: Lowerer, src: str, value: float, name: str, shape, lo):
     dtype = lw.tensors[src].dtype
     P = spec.partitions
     cols = max(1, min(-(-total // P), DEFAULT_FREE_ELEMS))
+    rows = shape[-1] * partition_block(spec)    # whole row sub-blocks of the tensor per
+    if cols >= rows:                            # partition: the queues' pieces then share
+        cols -= cols % rows                     # no def-use cell (each would wait for the last)
     env = Env({}, {})
     with lw.level():
         base, bname = lw.alloc("sbuf", cols * ITEMSIZE[dtype], f"{name}_fill", env)
