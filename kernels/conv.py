@@ -5,10 +5,15 @@
 
 conv2d is an implicit GEMM: for each filter tap (kh, kw) the output tile [O, OH x OW]
 accumulates Wt[:, :, kh, kw]^T @ X-window, contracting over the input channels on the
-systolic array (C on the partitions), so no im2col matrix is ever materialised. The padded
-input is one explicit stage (`Xp`, a copy with a zero border), because a tensorized read
-cannot be a padded read (report, gap 2). Depthwise convolution has no contraction over
-channels: the channels go on the partitions and the taps accumulate on the vector engine.
+systolic array (C on the partitions), so no im2col matrix is ever materialised. The zero
+padding is a padded read (X.pad(0)) of the matmul's moving operand: lowering fills one box
+[c-tile, rows + 2p, W + 2p] per channel step on chip (memsets for the border, X for the
+interior) and every tap reads a shifted window of it. With few input channels (C * KH <=
+FOLD_ROWS: the 7x7 stem's C = 3 would use 3 of 128 rows) the (c, kh) taps are folded into
+the contraction: two small copy stages lay out Xk[n, c*KH + kh, oh, w] (the input rows each
+kh reads, im2col along h only) and Wk[o, c*KH + kh, kw], and the matmuls contract over
+C * KH rows, one per kw tap. Depthwise convolution has no contraction over channels: the
+channels go on the partitions and the taps accumulate on the vector engine.
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ def _out_size(what, n, k, stride, padding, dilation):
     return out
 
 
+FOLD_ROWS = 32   # conv2d folds the (c, kh) taps onto the contraction when C * KH fits this
+
+
 @tl.kernel
 def conv2d_algo(X, Wt, stride=1, padding=0, dilation=1, out_dtype="float32"):
     if len(X.shape) != 4 or len(Wt.shape) != 4 or X.shape[1] != Wt.shape[1]:
@@ -42,18 +50,25 @@ def conv2d_algo(X, Wt, stride=1, padding=0, dilation=1, out_dtype="float32"):
     OH = _out_size("conv2d", H, KH, stride, padding, dilation)
     OW = _out_size("conv2d", W, KW, stride, padding, dilation)
     Y = tl.tensor((N, O, OH, OW), out_dtype, name="Y")
-    if padding:
-        Xp = tl.tensor((N, C, H + 2 * padding, W + 2 * padding), X.dtype, name="Xp")
-        Xz = X.pad(0.0)
-        for n, c, h, w in tl.grid(N, C, H + 2 * padding, W + 2 * padding):
-            Xp[n, c, h, w] = Xz[n, c, h - padding, w - padding]
-    else:
-        Xp = X
+    Xz = X.pad(0.0) if padding else X
+    if KH > 1 and C * KH <= FOLD_ROWS:      # fold the (c, kh) taps into the contraction
+        Xk = tl.tensor((N, C * KH, OH, W + 2 * padding), X.dtype, name="Xk")
+        for n, c, kh, h, w in tl.grid(N, C, KH, OH, W + 2 * padding):
+            Xk[n, c * KH + kh, h, w] = Xz[n, c, h * stride + kh * dilation - padding,
+                                          w - padding]
+        Wk = tl.tensor((O, C * KH, KW), Wt.dtype, name="Wk")
+        for o, c, kh, kw in tl.grid(O, C, KH, KW):
+            Wk[o, c * KH + kh, kw] = Wt[o, c, kh, kw]
+        for n, o, h, w in tl.grid(N, O, OH, OW):
+            Y[n, o, h, w] = 0.0
+            for kw, q in tl.reduce(KW, C * KH):
+                Y[n, o, h, w] += Wk[o, q, kw] * Xk[n, q, h, w * stride + kw * dilation]
+        return Y
     for n, o, h, w in tl.grid(N, O, OH, OW):
         Y[n, o, h, w] = 0.0
         for kh, kw, c in tl.reduce(KH, KW, C):
-            Y[n, o, h, w] += Wt[o, c, kh, kw] * Xp[n, c, h * stride + kh * dilation,
-                                                   w * stride + kw * dilation]
+            Y[n, o, h, w] += Wt[o, c, kh, kw] * Xz[n, c, h * stride + kh * dilation - padding,
+                                                   w * stride + kw * dilation - padding]
     return Y
 
 
@@ -84,7 +99,7 @@ depthwise_algo.name = "depthwise_conv2d"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 2, "wt_kib": 48}
+DEFAULT = {"ot": 128, "ct": 128, "free": 512, "pipe": 4, "opipe": 2, "wt_kib": 48, "fold_pipe": 4}
 DW_DEFAULT = {"free": 512, "pipe": 2, "plane_kib": 64, "small_kib": 8}
 
 
@@ -117,41 +132,86 @@ def _spatial_free(s, stage, h, w, limit):
     return [ho], [hi, w]
 
 
+def _fold_stages(s):
+    """The copy stages of the folded program: Xk [(c, kh) rows, w] tiles with the output rows
+    on the partitions (the kh loop multi-buffered), Wk as one tile per output channel block."""
+    n, c, kh, h, w = s.axes("Xk")
+    ho, hi = s.split(h, _even(ext(s, h), 128))
+    s.reorder(n, c, kh, ho, hi, w)
+    s.partition(hi)
+    s.vectorize(w)
+    if ext(s, kh) > 1:
+        s.pipeline(kh, min(8, ext(s, kh)))
+    o, c, kh, kw = s.axes("Wk")
+    oo, oi = s.split(o, _even(ext(s, o), 128))
+    s.reorder(oo, oi, c, kh, kw)
+    s.partition(oi)
+    for f in (c, kh, kw):
+        s.vectorize(f)
+
+
+def folded(s, cfg):
+    """The folded program (module doc): output channels on the partitions, output rows as
+    the moving free dimension, (c, kh) contracted, the kw taps accumulated; one Xk box per
+    row block shared by the kw taps (row blocks multi-buffered, their loads ahead)."""
+    _fold_stages(s)
+    n, o, h, w = s.axes("Y")
+    kw, q = s.reduce_axes("Y")
+    oo, oi = s.split(o, _even(ext(s, o), cfg["ot"]))
+    outer, free = _spatial_free(s, "Y", h, w, cfg["free"])
+    s.reorder(n, oo, *outer, kw, oi, *free, q)
+    s.partition(oi)
+    for f in free:
+        s.vectorize(f)
+    s.tensorize(q, "matmul")
+    s.cache_read("Wk", "sbuf", n)
+    s.cache_read("Xk", "sbuf", outer[-1] if outer else oo)
+    if outer and ext(s, outer[-1]) > 1:
+        s.pipeline(outer[-1], min(cfg["fold_pipe"], ext(s, outer[-1])))
+
+
 def template(s, cfg):
     """Implicit GEMM: output channels on the partitions, output pixels as the moving free
     dimension (<= one PSUM bank), input channels contracted on the systolic array, the taps
     as accumulation loops; the channel-step loop multi-buffered."""
+    if "Xk" in s.prog.tensors:
+        return folded(s, cfg)
     n, o, h, w = s.axes("Y")
     kh, kw, c = s.reduce_axes("Y")
     oo, oi = s.split(o, _even(ext(s, o), cfg["ot"]))
     co, ci = s.split(c, _even(ext(s, c), cfg["ct"]))
     outer, free = _spatial_free(s, "Y", h, w, cfg["free"])
-    s.reorder(n, oo, *outer, co, kh, kw, oi, *free, ci)
+    wt = s.prog.tensors["Wt"]
+    few = math.prod(wt.shape) * ITEMSIZE[wt.dtype] // 128 <= cfg["wt_kib"] * 1024
+    # few weights: all of them loaded (and transposed) once, outside the images (an outer
+    # loop of one iteration over the batch holds them), both output blocks' rows at once
+    top, n = s.split(n, ext(s, n)) if few and ext(s, n) > 1 else (n, n)
+    s.reorder(*dict.fromkeys((top, n)), oo, *outer, co, kh, kw, oi, *free, ci)
     s.partition(oi)
     for f in free:
         s.vectorize(f)
     s.tensorize(ci, "matmul")
-    if cfg["pipe"] > 1 and ext(s, co) > 1:
-        s.pipeline(co, cfg["pipe"])
-    # weights: natural rows [o, c*kh*kw] loaded whole and transposed per tap on chip; all of
-    # them up front (both output blocks' rows load at once) when they take little SBUF
-    wt = s.prog.tensors["Wt"]
-    per_partition = math.prod(wt.shape) * ITEMSIZE[wt.dtype] // 128
-    s.cache_read("Wt", "sbuf", n if per_partition <= cfg["wt_kib"] * 1024 else oo)
-    if len(s.prog.stages) > 1:  # the zero-padded input, computed on chip per channel step
-        s.compute_at("Xp", co)
-    else:                       # one window box per channel step, shared by the taps
-        s.cache_read("X", "sbuf", co)
+    if cfg["pipe"] > 1 and ext(s, co) > 1:           # channel steps' input loads ahead
+        s.pipeline(co, min(cfg["pipe"], ext(s, co)))
+    if cfg["opipe"] > 1 and outer and ext(s, outer[-1]) > 1:
+        s.pipeline(outer[-1], cfg["opipe"])     # a row block's store overlaps the next one
+    # weights: natural rows [o, c*kh*kw] loaded whole and transposed per tap on chip
+    s.cache_read("Wt", "sbuf", top if few else oo)
+    # one window box per channel step, shared by the taps; with one channel step, one box
+    # (the whole padded plane) per image, shared by the output blocks and row blocks too
+    s.cache_read("X", "sbuf", n if ext(s, co) == 1 else co)
 
 
 def simple(s, cfg):
     """Fallback: one tap and one channel step per matmul, output row by row."""
+    if "Xk" in s.prog.tensors:
+        _fold_stages(s)
     n, o, h, w = s.axes("Y")
-    kh, kw, c = s.reduce_axes("Y")
+    *taps, c = s.reduce_axes("Y")
     oo, oi = s.split(o, fit(ext(s, o), cfg["ot"]))
     co, ci = s.split(c, fit(ext(s, c), cfg["ct"]))
     wo, wi = s.split(w, fit(ext(s, w), cfg["free"]))
-    s.reorder(n, oo, h, wo, co, kh, kw, oi, wi, ci)
+    s.reorder(n, oo, h, wo, co, *taps, oi, wi, ci)
     s.partition(oi)
     s.vectorize(wi)
     s.tensorize(ci, "matmul")

@@ -2634,9 +2634,10 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
 
 def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     """Split every DMA over the DMA queues. Loads and stores (DMAs writing HBM) get their own
-    pools of queues, sized by the queue time each kind costs over the whole program (bytes
-    plus dma_chunk_overhead_bytes per contiguous chunk, times the enclosing loops' trip
-    counts): queues are in-order, so a load queued behind a store (which waits for its tile
+    pools of queues, sized by the queue time each kind costs outside the prologue and the
+    epilogue (bytes plus dma_chunk_overhead_bytes per contiguous chunk, times the enclosing
+    loops' trip counts; the prologue's loads and the epilogue's stores, below, take every
+    queue): queues are in-order, so a load queued behind a store (which waits for its tile
     to be computed) would stall the compute that needs it. Each transfer is cut along its
     first dimension into up to one piece per queue of its pool (pieces of whole partition
     blocks and of at least DMA_PIECE_BYTES, floor/ceil blocks each), and each piece goes to
@@ -2677,7 +2678,8 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         if ins.op == "dma":
             mult = math.prod(lp.extent for lp in loops)
             trips[id(ins)] = trips.get(id(ins), 0) + mult
-            moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
+            if id(ins) not in prologue:        # (prologue / epilogue: every queue)
+                moved[ins.dst.mem == "hbm"] += mult * dma_queue_bytes(ins.dst, ins.srcs[0], spec)
     if n < 2 or not moved[False] or not moved[True]:
         sizes = [None]
     else:
@@ -3019,7 +3021,10 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
     dtype = lw.tensors[ld.tensor].dtype
     if not row or span * ITEMSIZE[dtype] > lw.spec.sbuf_partition_bytes // 8:
         return False
-    row = [u for u in slots if u in row]          # keep the schedule's loop order
+    row = [u for u in slots if u in row]          # keep the schedule's loop order, but an
+    even = [u for u in row if nom[u] % 2 == 0]   # even loop innermost (copies pair up, below)
+    if even and nom[row[-1]] % 2:
+        row = [u for u in row if u != even[-1]] + [even[-1]]
     outer = [u for u in slots if u not in row]
     coef = {u: fl.coef(u) for u in row}
 
@@ -3049,7 +3054,7 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
             def each(e2, j=0):
                 u = row[j]
                 n_u = lw.nominal(job, u, e2)
-                if j < len(row) - 1 or n_u < 4 or n_u % 2:
+                if j < len(row) - 1 or n_u < 2 or n_u % 2:
                     if j < len(row) - 1:
                         lw.bind_loop(job, u, e2, lambda e3: each(e3, j + 1))
                     else:
@@ -3067,6 +3072,11 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                 free = (lw.spec.psum_partition_bytes - lw.used("psum")) // bank
                 banks = max(1, min(TRANSPOSE_PSUM_SLOTS, free) // 2) if bank % tb == 0 else 1
                 per = min(banks * (bank // tb), n_u // 2)      # no tile across two banks
+                rot = v2           # one pair: the tiles rotate over the next row loop out
+                out_u = e2.lin.get(row[j - 1]) if n_u == 2 and j > 0 else None
+                if out_u is not None and len(out_u.terms) == 1 and out_u.terms[0][1:] == (1, 0):
+                    rot = out_u.terms[0][0]
+                    per = min(banks * (bank // tb), lw.nominal(job, row[j - 1], e2))
                 nb = -(-per * tb // bank)
                 # a whole row in fewer banks than are free, inside a loop over the rows (the
                 # staged row tiles): the ring also rotates over that loop (up to every free
@@ -3091,7 +3101,7 @@ def _staged_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, s
                                              (f,), (1,), "float32", rn))
                     for _ in range(2 if m == 1 else 0):   # bank-sized slots over v2: contiguous
                         rb, rn = lw.alloc("psum", bank, f"{bname}_T", ring)
-                        rings.append(Val("psum", Lin(rb.const) + Lin(0, ((v2, tb, per),)), (f,),
+                        rings.append(Val("psum", Lin(rb.const) + Lin(0, ((rot, tb, per),)), (f,),
                                          (1,), "float32", rn))
 
                     def pair():
@@ -3415,7 +3425,8 @@ def _box_fill(lw: Lowerer, job: Job, ld: Load, part: str, deps, slots, nom, slot
         sp = job.split_of.get(u)
         if (sp is not None and sp.tail) or (u in job.unroll and u not in slots):
             return False
-    coef = [{a: ix.coef(a) for a in inner if ix.coef(a)} for ix in ld.index]
+    one = {u for u in slots if nom[u] == 1}     # a slot loop of one iteration: always 0
+    coef = [{a: ix.coef(a) for a in inner if ix.coef(a) and a not in one} for ix in ld.index]
     dp = [d for d, c in enumerate(coef) if part in c]
     if len(dp) != 1 or coef[dp[0]] != {part: 1} or any(c < 0 for cd in coef for c in cd.values()):
         return False
@@ -3601,9 +3612,23 @@ def _pad_on_chip(lw: Lowerer, ld: Load, inner, dp: int, P: int, box, bstride, ba
         const = sum((span[d][1] - lo[d] if d in where else outer[d].const - lo[d]) * sstride[d]
                     for d in range(len(sshape)))
         off = lw.split_affine(Affine(terms, const), env)
-        lw.dma(region({d: (span[d][1], span[d][2]) for d in order}),
-               isa.AP("hbm", src, dtype, off.addr(), ((sstride[dp], P),) +
-                      tuple((sstride[d], span[d][2] - span[d][1]) for d in order)))
+        into = region({d: (span[d][1], span[d][2]) for d in order})
+        hbm = isa.AP("hbm", src, dtype, off.addr(), ((sstride[dp], P),) +
+                     tuple((sstride[d], span[d][2] - span[d][1]) for d in order))
+        sizes = [span[d][2] - span[d][1] for d in order]
+        if (contiguous_runs(into) > P and contiguous_runs(hbm) <= P
+                and sizes[-1] * size < lw.spec.dma_chunk_overhead_bytes):
+            # interior rows shorter than the box's (padded columns) and than a DMA chunk's
+            # overhead: each row a chunk would cost more queue time than its bytes; one
+            # contiguous DMA into a staging tile and one on-chip copy into the box instead
+            sb, sname = lw.alloc("sbuf", math.prod(sizes) * size, f"{bname}_in", env)
+            st = _strides(sizes)
+            stage = isa.AP("sbuf", sname, dtype, sb.addr(),
+                           ((1, P),) + tuple((st[k], sizes[k]) for k in range(len(order))))
+            lw.dma(stage, hbm)
+            lw.emit_balanced(isa.Instr.make("tensor_copy", "pool", into, (stage,)))
+        else:
+            lw.dma(into, hbm)
     return True
 
 
@@ -3619,6 +3644,9 @@ def fill_padded(lw: Lowerer, src: str, value: float, name: str, shape, lo):
     dtype = lw.tensors[src].dtype
     P = spec.partitions
     cols = max(1, min(-(-total // P), DEFAULT_FREE_ELEMS))
+    rows = shape[-1] * partition_block(spec)    # whole row sub-blocks of the tensor per
+    if cols >= rows:                            # partition: the queues' pieces then share
+        cols -= cols % rows                     # no def-use cell (each would wait for the last)
     env = Env({}, {})
     with lw.level():
         base, bname = lw.alloc("sbuf", cols * ITEMSIZE[dtype], f"{name}_fill", env)

@@ -345,7 +345,8 @@ def initial_state(prog: Program) -> State:
 
 
 def matmul_operands(st: Stage) -> tuple[Load, Load] | None:
-    """(a, b) when the stage is sum_k cast?(a) * cast?(b), the pattern tensorize('matmul') takes."""
+    """(a, b) when the stage is sum_k cast?(a) * cast?(b), the pattern tensorize('matmul') takes.
+    A padded read (X.pad(v)[...]) is one too: lowering reads the padded copy (pad_tensors)."""
     if st.reduce != "add":
         return None
     v = st.value
@@ -355,7 +356,7 @@ def matmul_operands(st: Stage) -> tuple[Load, Load] | None:
     for x in (v.a, v.b):
         while isinstance(x, Cast):
             x = x.a
-        if not isinstance(x, Load) or x.pad is not None:
+        if not isinstance(x, Load):
             return None
         ops.append(x)
     return ops[0], ops[1]

@@ -686,7 +686,12 @@ def test_wide_elementwise_ops_are_split_over_engines_when_they_would_bound_the_k
 
 TEMPLATE_CONVS = [((1, 16, 8, 8), (32, 16, 3, 3), 1, 1, 1), ((2, 8, 9, 9), (16, 8, 3, 3), 2, 0, 1),
                   ((1, 8, 10, 10), (8, 8, 3, 3), 1, 2, 2), ((1, 200, 30, 30), (136, 200, 3, 3), 1, 1, 1),
-                  ((1, 130, 12, 12), (64, 130, 5, 5), 2, 2, 1), ((1, 64, 28, 28), (64, 64, 1, 1), 1, 0, 1)]
+                  ((1, 130, 12, 12), (64, 130, 5, 5), 2, 2, 1), ((1, 64, 28, 28), (64, 64, 1, 1), 1, 0, 1),
+                  ((3, 160, 10, 10), (144, 160, 3, 3), 1, 1, 1),   # weights once for all images
+                  ((2, 32, 40, 36), (48, 32, 3, 3), 1, 1, 1),      # one channel step: plane per image
+                  ((2, 24, 21, 19), (40, 24, 3, 3), 2, 1, 1), ((1, 40, 17, 23), (24, 40, 3, 3), 1, 3, 2),
+                  ((1, 3, 30, 26), (20, 3, 7, 7), 2, 3, 1),        # stem-like: (c, kh) folded
+                  ((2, 4, 12, 11), (8, 4, 5, 5), 1, 2, 2)]
 
 
 @pytest.mark.parametrize("xs,ws,stride,padding,dilation", TEMPLATE_CONVS)
@@ -698,23 +703,68 @@ def test_conv2d_expert_template(xs, ws, stride, padding, dilation):
     assert_close(k.run(X, Wt), conv_ref(X, Wt, **st), "bfloat16", what=f"conv2d {xs} {ws} {st}")
 
 
-def test_conv2d_template_keeps_weights_and_padded_input_on_chip():
-    """Weights load as whole rows [o, c*kh*kw] and transpose per tap on the tensor engine;
-    the padded input is computed on chip once per channel step (one box shared by the taps),
-    never stored to HBM."""
-    X, Wt = R((1, 64, 14, 14)), R((64, 64, 3, 3), seed=1)
+@pytest.mark.parametrize("xs,ws,padding", [((2, 16, 9, 7), (24, 16, 3, 3), 1),
+                                           ((1, 136, 6, 6), (40, 136, 3, 3), 2)])
+def test_conv2d_expert_template_float32(xs, ws, padding):
+    X, Wt = R(xs, "float32"), R(ws, "float32", seed=1)
+    k = kernels.conv2d.compile(X, Wt, padding=padding, use_records=False)
+    assert k.choice.source == "template expert"
+    assert_close(k.run(X, Wt), conv_ref(X, Wt, 1, padding, 1), "float32")
+
+
+@pytest.mark.parametrize("xs,ws", [((1, 64, 14, 14), (64, 64, 3, 3)),
+                                   ((2, 256, 14, 14), (256, 256, 3, 3))])
+def test_conv2d_template_keeps_weights_and_padded_input_on_chip(xs, ws):
+    """Weights load as whole rows [o, c*kh*kw] and transpose per tap on the tensor engine,
+    once for all images; the padded input is a box filled on chip (a border of memsets, the
+    interior from X) once per channel step, shared by the taps: no padded copy in HBM."""
+    X, Wt = R(xs), R(ws, seed=1)
     k = kernels.conv2d.compile(X, Wt, padding=1, use_records=False)
     asm = k.asm()
     assert "Wt_rows" in asm and "transpose.pe" in asm
-    assert "Xp_box" in asm and "tensor Xp " not in asm
+    assert "X_pad_box" in asm and "tensor X_pad" not in asm and "hbm:X_pad" not in asm
     assert sum(ln.strip().startswith("matmul.pe") for ln in asm.splitlines()) == 1   # in the tap loops
+    rep = k.simulate()
+    assert rep.bytes_moved["hbm_write"] == xs[0] * ws[0] * xs[2] * xs[3] * 4        # Y only
+    assert rep.bytes_moved["hbm_read"] <= 2 * X.nbytes + Wt.nbytes                  # weights once
+    assert_close(k.run(X, Wt), conv_ref(X, Wt, 1, 1, 1), "bfloat16")
+
+
+@tl.kernel
+def _conv_padded_stage(X, Wt):
+    """A 3x3 convolution (padding 1) whose zero-padded input is a stage of its own."""
+    N, C, H, W = X.shape
+    O = Wt.shape[0]
+    Xp = tl.tensor((N, C, H + 2, W + 2), X.dtype, name="Xp")
+    Xz = X.pad(0.0)
+    for n, c, h, w in tl.grid(N, C, H + 2, W + 2):
+        Xp[n, c, h, w] = Xz[n, c, h - 1, w - 1]
+    Y = tl.tensor((N, O, H, W), "float32", name="Y")
+    for n, o, h, w in tl.grid(N, O, H, W):
+        Y[n, o, h, w] = 0.0
+        for kh, kw, c in tl.reduce(3, 3, C):
+            Y[n, o, h, w] += Wt[o, c, kh, kw] * Xp[n, c, h + kh, w + kw]
+    return Y
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_conv2d_few_channels_fold_taps_into_the_contraction(which):
+    """C = 3, 7x7 (the ResNet stem): the (c, kh) taps are folded onto the partitions, so each
+    matmul contracts over C * KH = 21 rows, one per kw tap (expert and simple templates)."""
+    X, Wt = R((2, 3, 20, 18)), R((24, 3, 7, 7), seed=1)
+    prog = kernels.conv2d.trace(X, Wt, stride=2, padding=3)
+    assert {"Xk", "Wk"} <= set(prog.tensors)
+    k = kernels.conv2d.template_schedule(prog, which=which).build()
+    mms = [ln for ln in k.asm().splitlines() if ln.strip().startswith("matmul.pe")]
+    assert mms and all("[1,21]" in ln for ln in mms)
+    assert_close(k.run(X, Wt), conv_ref(X, Wt, 2, 3, 1), "bfloat16")
 
 
 def test_compute_at_of_a_stage_reading_a_padded_tensor():
     """A producer computed inside its consumer that reads a padded input: the padded copy is
     filled before the consumer runs."""
     X, Wt = R((1, 16, 6, 6), "float32"), R((16, 16, 3, 3), "float32", seed=1)
-    prog = kernels.conv2d.trace(X, Wt, padding=1)
+    prog = _conv_padded_stage.trace(X, Wt)
     s = prog.schedule()
     n, o, h, w = s.axes("Y")
     kh, kw, c = s.reduce_axes("Y")

@@ -638,6 +638,24 @@ def test_assign_queues_keeps_every_queue_of_a_pool_busy(load_cols, store_cols):
     assert sum(i.dst.num_elements for i in dmas if i.dst.mem == "hbm") == 128 * store_cols
 
 
+def test_assign_queues_sizes_pools_without_the_prologue():
+    """Loads before the first store (the prologue) take every queue and wait for no store:
+    they do not count when the loop's loads and stores split the queues (a large weight
+    load up front would otherwise leave the loop's stores one queue)."""
+    from tensorlang.lower import assign_queues
+    I, A, AP = sim.isa.Instr, sim.isa.Addr, sim.isa.AP
+    spec = sim.machine("trn2")
+    big = I.make("dma", "q0", AP("sbuf", "w", "bfloat16", A(0), ((1, 128), (1, 32768))),
+                 [AP("hbm", "W", "bfloat16", A(0), ((32768, 128), (1, 32768)))])
+    out = assign_queues((big,) + _tile_loop(512, 512), spec)
+    loop = [x for x in out if isinstance(x, sim.isa.Loop)]
+    per = _queue_bytes(tuple(loop), spec)
+    stores = {q for q, b in per.items() if b[1]}
+    loads = {q for q, b in per.items() if b[0]}
+    assert not stores & loads and len(stores) >= spec.dma_queues // 2
+    assert {i.engine for i in out if isinstance(i, I)} == {f"q{k}" for k in range(spec.dma_queues)}
+
+
 def test_assign_queues_cuts_left_over_rows_into_columns():
     # 32 partition blocks over 15 load queues: 2 blocks each and the last 2 blocks cut
     # along the row at 512-byte granules, so every queue carries the same ~1/15 of the tile
