@@ -6,7 +6,8 @@ Choosing a schedule for (kernel, workload, machine), first that builds wins:
   1. the fastest record of this exact workload (shipped kernels/records/*.jsonl, then the
      user's records DB when it exists), its trace replayed with `Schedule.replay`;
   2. the record of the nearest shape (same dtypes and ranks), if its trace replays legally
-     on this shape;
+     on this shape and the result simulates faster than the first expert template there (a
+     trace tuned at another shape can fit this one badly: a tail tile, a lost fast path);
   3. the expert templates of the kernel, in order (the first is what an expert writes, later
      ones are simpler fallbacks), with their default configs;
   4. the default schedule (always legal).
@@ -144,17 +145,29 @@ class KernelFn:
                                           mname):
                 try:
                     s = tl.Schedule.replay(prog, rec.trace, machine)
-                    return Choice(s, source, rec), s.build(machine)
+                    k = s.build(machine)
                 except _BUILD_ERRORS:
                     continue
+                if source == "nearest record":   # tuned at another shape: keep it only when
+                    alt = self._template(prog, machine)   # it simulates faster than the expert
+                    if alt is not None and alt[1].simulate().cycles < k.simulate().cycles:
+                        return alt
+                return Choice(s, source, rec), k
+        alt = self._template(prog, machine)
+        if alt is not None:
+            return alt
+        s = prog.schedule(machine=machine)
+        return Choice(s, "default"), s.build(machine)
+
+    def _template(self, prog, machine):
+        """(Choice, CompiledKernel) of the first template that builds, or None."""
         for n, (tname, _, _) in enumerate(self.templates_for(prog)):
             try:
                 s = self.template_schedule(prog, machine, n)
                 return Choice(s, f"template {tname}"), s.build(machine)
             except _BUILD_ERRORS:
                 continue
-        s = prog.schedule(machine=machine)
-        return Choice(s, "default"), s.build(machine)
+        return None
 
     def compile(self, *specs, machine="trn2", use_records: bool = True, **static):
         """The compiled kernel (asm(), run(), simulate()) for these input specs or arrays;

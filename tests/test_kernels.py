@@ -427,7 +427,8 @@ def _record(prog, kf, cycles, trace, machine="trn2", kernel=None):
 
 def test_records_exact_then_nearest(monkeypatch):
     """An exact record is replayed; another shape's record is replayed when it is legal on
-    this shape; a record whose trace does not replay is skipped."""
+    this shape and not slower than the expert template there; a record whose trace does not
+    replay is skipped."""
     monkeypatch.setenv("TENSORLANG_RECORDS", "/nonexistent/records.db")
     kf = kernels.matmul
     p1 = kf.trace(tl.spec((256, 128), "bfloat16"), tl.spec((128, 512), "bfloat16"))
@@ -441,9 +442,19 @@ def test_records_exact_then_nearest(monkeypatch):
     k = kf.compile(A, B)
     assert k.choice.source == "record" and k.schedule.trace() == s.trace()
     A2 = R((384, 128))
-    k2 = kf.compile(A2, B)           # nearest: p1's trace (p2's does not replay)
-    assert k2.choice.source == "nearest record" and k2.choice.record.trace == s.trace()
+    k2 = kf.compile(A2, B)           # nearest: p1's trace (p2's does not replay), unless the
+    p3 = kf.trace(A2, B)             # expert template simulates faster at this shape
+    near = tl.Schedule.replay(p3, s.trace(), "trn2").build("trn2").simulate().cycles
+    expert = kf.template_schedule(p3, "trn2", 0).build("trn2").simulate().cycles
+    assert k2.choice.source == ("nearest record" if near <= expert else "template expert")
+    assert k2.simulate().cycles == min(near, expert)
     assert_close(k2.run(A2, B), f32(A2) @ f32(B), "bfloat16")
+    # a nearest record faster than the template is kept
+    monkeypatch.setattr(_library, "_SHIPPED", [_record(p1, kf, 10, kf.template_schedule(
+        p1, "trn2", 0).trace())])
+    kf._cache.clear()
+    k3 = kf.compile(A2, B)
+    assert k3.simulate().cycles <= expert
     kf._cache.clear()
 
 
