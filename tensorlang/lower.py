@@ -424,6 +424,7 @@ class Lowerer:
         self.trips = [1]                                  # iterations of the enclosing ISA loops
         self.peeled = 1          # iterations of the loop whose peeled iteration is being emitted
         self.peel_bid = None     # stands for the outermost loop body in a peeled iteration (anc)
+        self.in_last = True      # emitting the last iteration of every enclosing loop (peeled)
         self.home: int | None = None                      # memo level for kept intermediates
         self.home_funcs: set = set()                      # activation functions the consumer uses
         self.keep: int | None = None                      # memo level for attached producers' tiles
@@ -628,10 +629,11 @@ class Lowerer:
                                   f"leaves a tail of {n % s.factor}); keep {s.outer!r} outside it")
         return s.factor
 
-    def bind_loop(self, job: Job, u: str, env: Env, body, pipe: int = 1):
+    def bind_loop(self, job: Job, u: str, env: Env, body, pipe: int = 1, drain: bool = False):
         """Emit loop atom u (main loop + peeled tail), calling body(env) inside; its buffers
-        rotate over job.pipe[u] (else `pipe`) slots."""
-        s = job.split_of.get(u)
+        rotate over job.pipe[u] (else `pipe`) slots. drain: u is a loop of the job's own nest
+        (emit_body), which may peel its last iteration inside a peeled last iteration."""
+        s, drained = job.split_of.get(u), False
         if s is not None and s.outer == u:
             n = self.ext_of(job, s.parent, env)
             main, tail = n // s.factor, n % s.factor
@@ -654,10 +656,26 @@ class Lowerer:
             first = max(1, min(job.pipe.get(u, 1), PEEL_FIRST, n - len(last)))
             parts = ([(c, 1, f) for c in range(first)] + [(first, n - first - len(last), f)]
                      + last + rest)
+        elif (drain and not env.loops and self.in_last and self.peel_bid is not None
+              and len(parts) == 1 and parts[0][1] > 1 and u not in job.unroll
+              and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level
+              and self.tile_reads_on_chip(job)):
+            # inside the peeled last iteration (of every enclosing loop) a loop whose
+            # iterations store their tiles peels its last iteration as well: its stores
+            # then follow every load and use every DMA queue (assign_queues), e.g. the last
+            # column block of bmm's peeled last batch (16x1024^3 on trn2: 506.9 -> 501.1 us).
+            # Its iterations stay part of the enclosing peeled iteration (peel_bid). A
+            # pipelined loop peels as many iterations as it has slots: a peeled iteration's
+            # tiles are buffers of their own, and the first one would reuse the slot of the
+            # loop's last iteration (linear 4096^3 on trn2: 1912.4 -> 1913.3 us with one)
+            (_, n, f), = parts
+            k = max(1, min(job.pipe.get(u, 1), n - 1))
+            parts, first, drained = [(0, n - k, f)] + [(c, 1, f) for c in range(n - k, n)], 0, True
         else:
             first = 0
-        outer_peeled, peel = self.peeled, len(parts) > 1 and not env.loops
-        if len(parts) > 1:
+        outer_peeled, peel = self.peeled, len(parts) > 1 and not env.loops and not drained
+        outer_last = self.in_last
+        if len(parts) > 1 and not drained:
             self.peeled = sum(p[1] for p in parts)
         mark, top0 = len(self.body[-1]), self.job_top
         whole = first > 0 and all(p[1] <= 1 for p in parts)   # no loop left: all peeled
@@ -671,6 +689,7 @@ class Lowerer:
                 extra[inner] = inner_ext
             if count == 1 or u in job.unroll:
                 for c in range(start, start + count):
+                    self.in_last = outer_last and c == parts[-1][0] + parts[-1][1] - 1
                     if peel:            # a peeled iteration stands for a loop body (emit)
                         self.peel_bid = ("peel", u, c, len(self.body[0]))
                     e = env.bind(u, Lin(c), **extra)
@@ -680,6 +699,7 @@ class Lowerer:
                 if peel:
                     self.peel_bid = None
             else:
+                self.in_last = False
                 e = env.bind(u, Lin.var(u) + start if start else Lin.var(u), **extra)
                 e.loops = env.loops + (u,)
                 d = job.pipe.get(u, pipe)
@@ -689,6 +709,18 @@ class Lowerer:
         if whole:
             self.hoist_loads(mark + self.job_top - top0)
         self.peeled = outer_peeled
+        self.in_last = outer_last
+
+    def tile_reads_on_chip(self, job: Job) -> bool:
+        """Every tensor job's tile reads is cached (cache_read) or computed on chip
+        (compute_at): its store nest loads nothing from HBM, so a peeled iteration's stores
+        can follow every load (a bias read per tile, as linear's, loads next to them)."""
+        st = self.sched.state
+        on_chip = ({c.tensor for c in st.cache_reads if c.stage == job.stage}
+                   | {self.prog.stage(ps.stage).tensor for ps in st.stages
+                      if ps.attach and ps.attach[0] == job.stage})
+        exprs = [job.value] + ([job.init] if job.init is not None else [])
+        return all(ld.tensor in on_chip for e in exprs for ld in _loads_of(e))
 
     def hoist_loads(self, i0: int):
         """Move the HBM loads among the top-level nodes from i0 on ahead of the other nodes
@@ -739,7 +771,7 @@ class Lowerer:
                     hook(e)
                 if u not in job.emitted:
                     self.emit_loops(job, k + 1, e)
-        self.bind_loop(job, u, env, inside)
+        self.bind_loop(job, u, env, inside, drain=True)
 
     # -- accumulator and store ---------------------------------------------------------------
     def tile_ext(self, job: Job, env: Env, spatial_only: bool = False) -> dict:
@@ -2645,16 +2677,20 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     queues' totals over the program differ by at most one piece. A transfer cut into every
     queue of its pool with blocks left over (e.g. 32 blocks over 15 queues) gets whole
     blocks on every queue and the left-over rows cut along the last dimension (at granule
-    boundaries, see _column_pieces), so even a transfer inside a loop (the same queues at
-    every trip) keeps every queue equally busy. A store's pieces are cut further into
+    boundaries, see _column_pieces; in whole-block groups first when a row has fewer
+    granules than the pool has queues, see _leftover_pieces), so even a transfer inside a
+    loop (the same queues at every trip) keeps every queue about equally busy. A store's pieces are cut further into
     consecutive transfers of about STORE_TRANSFER_BINS HBM-channel bins of queue time each
     (see _sequential): stores start all at once when a tile is done, and long ones would
     claim the shared channel ahead of the loads queued behind them (transpose 4096^2 on
     trn2: 264 -> 224 us). Without both kinds, or with one queue,
-    there is one pool of all queues. The store pool has the store bytes' share of the queues
-    (rounded), or one queue more when that leaves the busiest queue POOL_MIN_GAIN less to do
-    (pieces are whole blocks: a store of 32 blocks puts 4 blocks on some of 10 queues, 3 at
-    most on 11; not one less: the stores drain the kernel). Loads that come before the
+    there is one pool of all queues. The store pool has the store bytes' share of the queues,
+    rounded down or up, whichever leaves the busiest queue less to do (the pieces'
+    granularity decides: bmm 8x2048x2048x128 on trn2 has 13.6 queues' worth of stores; 14
+    store queues leave the 2 load queues 7% busier than 13 and 3 do, 572 -> 479 us together
+    with the left-over pieces above), or one queue more than the rounded share when that
+    leaves the busiest queue POOL_MIN_GAIN less to do (pieces are whole blocks: a store of 32
+    blocks puts 4 blocks on some of 10 queues, 3 at most on 11). Loads that come before the
     first store in program order (the prologue: top-level fills, the peeled first
     iterations of a block loop, see Lowerer.bind_loop) use every queue: no store is queued
     ahead of them; so do stores after the last load (the epilogue: the peeled last
@@ -2683,8 +2719,11 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
     if n < 2 or not moved[False] or not moved[True]:
         sizes = [None]
     else:
-        stores = min(n - 1, max(1, round(n * moved[True] / (moved[False] + moved[True]))))
-        sizes = [stores] + [s for s in (stores + 1,) if s < n]
+        share = n * moved[True] / (moved[False] + moved[True])
+        stores = min(n - 1, max(1, round(share)))
+        other = min(n - 1, max(1, math.floor(share) if stores > share else math.ceil(share)))
+        sizes = [stores] + [s for s in (other,) if s != stores] \
+            + [s for s in (stores + 1,) if s < n and s != other]
     load = [0] * n                                 # queue bytes x trips so far, per queue
     cap = STORE_TRANSFER_BINS * spec.hbm_bin_ns * spec.dma_queue_gbps   # queue bytes
     nxt = {}                                       # per pool: where ties start (round robin)
@@ -2712,7 +2751,7 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         pieces = rows([per + 1] * extra + [per] * (k - extra))
         if k == size > 1 and extra:     # whole blocks everywhere, the rest cut into columns?
             r0 = min(P, per * k * blk)
-            cols = _column_pieces(_sub_ap(dst, r0, P - r0), _sub_ap(src, r0, P - r0), size, spec)
+            cols = _leftover_pieces(dst, src, r0, size, spec)
             if cols:
                 even = rows([per] * k)
                 if qb(even[0]) + max(map(qb, cols)) < qb(pieces[0]):
@@ -2740,7 +2779,8 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         load[:] = [0] * n
         nxt.clear()
         out = tuple(_map_dmas(body, split))
-        if best is None or max(load) < best[0] * (1 - POOL_MIN_GAIN):
+        gain = POOL_MIN_GAIN if stores is not None and stores > max(sizes[:2]) else 0
+        if best is None or max(load) < best[0] * (1 - gain):
             best = (max(load), out)
     return best[1]
 
@@ -2776,6 +2816,32 @@ def dma_queue_bytes(dst: isa.AP, src: isa.AP, spec: sim.MachineSpec) -> int:
     dma_chunk_overhead_bytes per contiguous chunk (the simulator's DMA cost)."""
     b = max(dst.num_elements * ITEMSIZE[dst.dtype], src.num_elements * ITEMSIZE[src.dtype])
     return b + spec.dma_chunk_overhead_bytes * max(contiguous_runs(dst), contiguous_runs(src))
+
+
+def _leftover_pieces(dst: isa.AP, src: isa.AP, r0: int, n: int,
+                     spec: sim.MachineSpec) -> list | None:
+    """Up to n pieces of the rows r0.. of a transfer (the blocks left over when every queue
+    of a pool has its whole blocks): cut along the last dimension (_column_pieces); when the
+    granules give fewer than n columns (e.g. 2 of a 2048-byte row of 1024-byte HBM granules),
+    the rows are first cut into groups of whole partition blocks, so the pieces reach up to n
+    queues: 4 blocks left over from 32 on 14 queues in 8 pieces of a block x half a row, not 2
+    of 4 blocks (a store inside a loop takes the same queues every trip: its 2 busiest queues
+    would do 1.4x the others' share, 20 KB instead of 24 KB against 18.3 on average)."""
+    blk = partition_block(spec)
+    P = dst.dims[0][1]
+    cols = _column_pieces(_sub_ap(dst, r0, P - r0), _sub_ap(src, r0, P - r0), n, spec)
+    nb = -(-(P - r0) // blk)
+    groups = min(nb, n // len(cols)) if cols else nb
+    if groups < 2:
+        return cols
+    per, extra = divmod(nb, groups)
+    out, s0 = [], r0
+    for c in [per + 1] * extra + [per] * (groups - extra):
+        r = min(c * blk, P - s0)
+        d, s_ = _sub_ap(dst, s0, r), _sub_ap(src, s0, r)
+        out += _column_pieces(d, s_, max(1, n // groups), spec) or [(d, s_)]
+        s0 += r
+    return out
 
 
 def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,

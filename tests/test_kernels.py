@@ -128,6 +128,25 @@ def test_bmm(dtype, shape):
         assert ring.size > 2 * k.spec.psum_bank_bytes, ring
 
 
+def test_bmm_last_batch_drains_its_last_column_block_over_every_queue():
+    """The batch loop (A cached per batch) peels its first and last batches; inside the last
+    one the column-block loop peels its last iteration too, so that block's stores follow
+    every load and go over every DMA queue (lower.Lowerer.bind_loop, assign_queues).
+    Values equal numpy."""
+    A, B = R((3, 256, 1024)), R((3, 1024, 1024), seed=1)
+    k = kernels.bmm.compile(A, B, use_records=False)
+    tail = []
+    for node in reversed(k.program.body):     # the top-level nodes after the last load
+        dmas = [(i, loops) for i, loops in sim.isa.walk_instrs((node,)) if i.op == "dma"]
+        if any(i.dst.mem != "hbm" for i, _ in dmas):
+            break
+        tail += dmas
+    assert {i.engine for i, _ in tail} == {f"q{q}" for q in range(k.spec.dma_queues)}
+    assert sum(i.dst.num_elements * math.prod(lp.extent for lp in loops)
+               for i, loops in tail) == 256 * 512                 # the last column block
+    assert_close(k.run(A, B), np.matmul(f32(A), f32(B)), "bfloat16")
+
+
 def test_psum_evacuation_split_over_act_and_dve():
     """Where the vector engine can read PSUM alongside the scalar engine (trn2, not trn1),
     an accumulator's evacuation is split between the two; the values are the same."""
