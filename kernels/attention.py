@@ -99,7 +99,7 @@ attention_algo.name = "attention"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 4, "hpipe": 2, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
+DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 4, "opipe": 4, "hpipe": 2, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
                                                    "pipe": 2, "cache_a": True}}
 
 
@@ -142,7 +142,9 @@ def template(s, cfg):
     qi = divisor(ext(s, io), cfg["qi"])
     sq, sk = s.prog.tensors["Q"].shape[1], s.prog.tensors["K"].shape[1]
     if qi > 1 and sq % _even(sq, cfg["qt"]) == 0:   # io: no tail split
-        at, _ = s.split(io, qi)
+        at, tiles = s.split(io, qi)
+        if cfg.get("opipe", 1) > 1:    # a fill's tiles: O's accumulators and stores rotate
+            s.pipeline(tiles, cfg["opipe"])
     h = s.axes("O")[0]
     if cfg["hpipe"] > 1 and ext(s, h) > 1:
         s.pipeline(h, cfg["hpipe"])    # the next head's K^T and V load during this head
