@@ -21,9 +21,12 @@ stays fused. K^T (transposed on the tensor engine) and V are loaded once per hea
 (cache_read at the head loop; K is read by the scores, computed inside O), and the next
 head's while this one computes (the head loop pipelined). Up to `qi` query tiles are
 filled together: their softmax chains are independent and are merged onto the engines by
-list scheduling. True online-softmax rescaling (one pass over the keys in blocks) is a
-recurrence the DSL cannot express, and causal blocks above the diagonal are not skipped
-(loop extents are static); `unfused` (intermediates through HBM) remains the fallback.
+list scheduling; O's accumulators and stores rotate over the fill's tiles (`opipe` slots),
+so one tile's products overlap the previous tile's copy out and store, and a fill whose
+tiles sit at static offsets (a whole head) has its causal-mask iotas computed once. True
+online-softmax rescaling (one pass over the keys in blocks) is a recurrence the DSL cannot
+express, and causal blocks above the diagonal are not skipped (loop extents are static);
+`unfused` (intermediates through HBM) remains the fallback.
 """
 from __future__ import annotations
 
