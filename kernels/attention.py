@@ -21,9 +21,12 @@ stays fused. K^T (transposed on the tensor engine) and V are loaded once per hea
 (cache_read at the head loop; K is read by the scores, computed inside O), and the next
 head's while this one computes (the head loop pipelined). Up to `qi` query tiles are
 filled together: their softmax chains are independent and are merged onto the engines by
-list scheduling. True online-softmax rescaling (one pass over the keys in blocks) is a
-recurrence the DSL cannot express, and causal blocks above the diagonal are not skipped
-(loop extents are static); `unfused` (intermediates through HBM) remains the fallback.
+list scheduling; O's accumulators and stores rotate over the fill's tiles (`opipe` slots),
+so one tile's products overlap the previous tile's copy out and store, and a fill whose
+tiles sit at static offsets (a whole head) has its causal-mask iotas computed once. True
+online-softmax rescaling (one pass over the keys in blocks) is a recurrence the DSL cannot
+express, and causal blocks above the diagonal are not skipped (loop extents are static);
+`unfused` (intermediates through HBM) remains the fallback.
 """
 from __future__ import annotations
 
@@ -99,7 +102,7 @@ attention_algo.name = "attention"
 
 # -- schedules ----------------------------------------------------------------------------------
 
-DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 4, "hpipe": 2, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
+DEFAULT = {"qt": 128, "kt": 128, "pipe": 2, "qi": 4, "opipe": 4, "hpipe": 2, "mm": {"mt": 128, "nt": 512, "kt": 128, "mi": 1,
                                                    "pipe": 2, "cache_a": True}}
 
 
@@ -142,7 +145,9 @@ def template(s, cfg):
     qi = divisor(ext(s, io), cfg["qi"])
     sq, sk = s.prog.tensors["Q"].shape[1], s.prog.tensors["K"].shape[1]
     if qi > 1 and sq % _even(sq, cfg["qt"]) == 0:   # io: no tail split
-        at, _ = s.split(io, qi)
+        at, tiles = s.split(io, qi)
+        if cfg.get("opipe", 1) > 1:    # a fill's tiles: O's accumulators and stores rotate
+            s.pipeline(tiles, cfg["opipe"])
     h = s.axes("O")[0]
     if cfg["hpipe"] > 1 and ext(s, h) > 1:
         s.pipeline(h, cfg["hpipe"])    # the next head's K^T and V load during this head

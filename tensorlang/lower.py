@@ -58,6 +58,7 @@ DIAG_DIRECT_KEEP = 0.85   # ... engine rows from PSUM when whole banks keep this
 INTERLEAVE_MAX = 4      # compiler choice: query tiles of a transposed fill whose chains interleave
 SINGLE = "__single__"    # Env.pipe key: see _rotation
 ROW_PSUM_BANKS = 4      # compiler choice: a kept contraction row over more banks goes to SBUF
+HOIST_IOTA_FRACTION = 1 / 16  # compiler choice: loop-invariant index tiles kept for a whole job
 
 # ----------------------------------------------------------------------------------------
 # affine values over ISA loop variables
@@ -1633,11 +1634,14 @@ class Lowerer:
             for m in reversed(self.memo):
                 if key in m:
                     return m[key](env, deps)
+            iota = dict(base=base.addr(), pcoef=e.index.coef(part),
+                        fcoefs=tuple(e.index.coef(f) for f in deps))
+            out = self.hoisted_iota(key, P, deps, ext, iota) if not base.terms else None
+            if out is not None:
+                return out
             out = self.tile(P, deps, ext, "float32", "iota", env, depth=self.home)
             out.key = key
-            self.emit(isa.Instr.make("iota", "pool", self.ap(out, P, list(deps), ext),
-                                     base=base.addr(), pcoef=e.index.coef(part),
-                                     fcoefs=tuple(e.index.coef(f) for f in deps)))
+            self.emit(isa.Instr.make("iota", "pool", self.ap(out, P, list(deps), ext), **iota))
             self.memo[-1 if self.home is None else self.home][key] = \
                 lambda e_, d, v=out: v.with_deps(d, v.key)
             return out
@@ -2346,6 +2350,35 @@ class Lowerer:
         the acc tile first (act)?"""
         return (isinstance(job.dest, HbmDest) and job.init is None and len(job.free) == 2
                 and self.tensors[job.dest.tensor].dtype == "float32")
+
+    def hoisted_iota(self, key, P: int, deps, ext, iota) -> Val | None:
+        """An index tile that no loop changes (attention's causal mask of a query tile whose
+        offset is static: a head's few query tiles filled together) computed once, before
+        the job's loops, where it fits in at most HOIST_IOTA_FRACTION of an SBUF partition
+        (with the job's other hoisted index tiles); None: computed in place."""
+        if len(self.memo) < 2:
+            return None
+        n = ITEMSIZE["float32"]
+        for d in deps:
+            n *= ext[d]
+        held = sum(b.size for b in self.buffers if b.name.startswith("iota_job"))
+        if held + n > HOIST_IOTA_FRACTION * self.spec.sbuf_partition_bytes:
+            return None
+        body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
+        try:
+            self.hoisting = True
+            try:
+                out = self.tile(P, deps, ext, "float32", "iota_job", Env({}, {}), depth=1)
+            except TensorlangError:
+                return None
+            finally:
+                self.hoisting = False
+            out.key = key
+            self.emit(isa.Instr.make("iota", "pool", self.ap(out, P, list(deps), ext), **iota))
+        finally:
+            self.body, self.trips = body, trips
+        self.memo[1][key] = lambda e_, d, v=out: v.with_deps(d, v.key)
+        return out
 
     def diag_iota(self, P: int) -> isa.AP:
         """[P, P] float32 p - f (zero on the diagonal), once per job before its loops."""

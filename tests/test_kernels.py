@@ -807,6 +807,19 @@ def test_compute_at_of_a_stage_reading_a_padded_tensor():
     assert_close(s.build().run(X, Wt), conv_ref(X, Wt, 1, 1, 1), "float32")
 
 
+def test_attention_causal_mask_of_static_query_tiles_computed_once():
+    """A head's query tiles filled together (static offsets): each tile's causal-mask iota is
+    computed once, before the head loop (Lowerer.hoisted_iota), not once per head; O's
+    accumulators and stores rotate over the fill's tiles (two heads, values as numpy)."""
+    Q, K, V = R((3, 512, 64)), R((3, 512, 64), seed=1), R((3, 512, 64), seed=2)
+    k = kernels.attention.compile(Q, K, V, causal=True, use_records=False)
+    assert k.choice.source == "template flash"
+    assert_close(k.run(Q, K, V), attention_ref(Q, K, V, True), "bfloat16", what="attention causal")
+    top = [ln for ln in k.asm().splitlines() if ln.startswith("iota")]
+    assert len(top) == 4 and all("iota_job" in ln for ln in top)
+    assert not [ln for ln in k.asm().splitlines() if ln.lstrip().startswith("iota") and ln[0] == " "]
+
+
 @pytest.mark.parametrize("shape,causal", [((2, 256, 512, 64), True), ((1, 200, 200, 32), True),
                                           ((2, 128, 384, 128), False), ((1, 128, 1024, 64), False),
                                           ((2, 260, 256, 32), False)])
