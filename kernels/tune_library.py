@@ -27,7 +27,8 @@ SPACES = {
                "cache_a": [True, False]},
     "conv": {"ot": [128, 64], "ct": [128, 64], "free": [512, 256, 128], "pipe": [2, 1, 3]},
     "norm": {"mt": [128, 64], "pipe": [2, 1, 3], "cache_x": [True, False]},
-    "attention": {"qt": [128, 64], "kt": [128, 64], "pipe": [2, 1, 3], "qi": [4, 2, 1]},
+    "attention": {"qt": [128, 64], "kt": [128, 64], "pipe": [2, 1, 3], "qi": [4, 2, 1],
+                  "opipe": [4, 2, 1]},
     "elementwise": {"free": [4096, 2048, 1024, 8192], "pipe": [3, 2, 1], "wide": [4, 2, 1, 8],
                     "wide_free": [1024, 2048, 512]},
 }
