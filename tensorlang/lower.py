@@ -2712,7 +2712,17 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         pieces = rows([per + 1] * extra + [per] * (k - extra))
         if k == size > 1 and extra:     # whole blocks everywhere, the rest cut into columns?
             r0 = min(P, per * k * blk)
-            cols = _column_pieces(_sub_ap(dst, r0, P - r0), _sub_ap(src, r0, P - r0), size, spec)
+            left = (_sub_ap(dst, r0, P - r0), _sub_ap(src, r0, P - r0))
+            # cut so the pool's queues end level (the least busy get the most: a small
+            # transfer queued on one of them ahead of this one then costs nothing extra)
+            have = sorted(load[lo:lo + size])
+            tot = qb(left) * trips[id(ins)]
+            j = size
+            while j > 1 and have[j - 1] * j - sum(have[:j]) >= tot:
+                j -= 1
+            level = (sum(have[:j]) + tot) / j
+            cols = _column_pieces(*left, size, spec,
+                                  shares=[(level - h) / tot for h in have[:j]] if tot else None)
             if cols:
                 even = rows([per] * k)
                 if qb(even[0]) + max(map(qb, cols)) < qb(pieces[0]):
@@ -2779,11 +2789,48 @@ def dma_queue_bytes(dst: isa.AP, src: isa.AP, spec: sim.MachineSpec) -> int:
 
 
 def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
-                   least: int = DMA_PIECE_BYTES) -> list | None:
+                   least: int = DMA_PIECE_BYTES, shares: list | None = None) -> list | None:
     """Up to n (dst, src) pieces of a transfer cut along its last dimension, at multiples of
     the destination's dependency granule (pieces on different queues then write different
     cells: no write-after-write order between them) and of at least DMA_PIECE_BYTES; None
-    when that gives fewer than two pieces or the two sides' dimensions differ."""
+    when that gives fewer than two pieces or the two sides' dimensions differ. When the last
+    dimension is too short for n pieces, trailing dimensions contiguous on both sides are
+    merged first (a plane's rows: [P, H, W] -> [P, H*W]) and the merged one is cut.
+    `shares` (fractions summing to 1): pieces of about those sizes instead of equal ones
+    (at granule boundaries; empty ones dropped)."""
+    out = _column_cut(dst, src, n, spec, least, shares)
+    if out is None or len(out) < min(n, len(shares or range(n))):
+        merged = _merge_contiguous(dst, src)
+        if merged is not None:
+            more = _column_cut(*merged, n, spec, least, shares)
+            if more is not None and len(more) > len(out or ()):
+                return more
+    return out
+
+
+def _merge_contiguous(dst: isa.AP, src: isa.AP):
+    """(dst, src) with their trailing dimensions that are contiguous on both sides merged
+    into one (at least two merged), else None."""
+    dd, sd = list(dst.dims), list(src.dims)
+    merged = False
+    while (len(dd) > 2 and len(dd) == len(sd) and dd[-1][0] == 1 == sd[-1][0]
+           and dd[-2][1] == sd[-2][1] and dd[-1][1] == sd[-1][1]
+           and dd[-2][0] == dd[-1][1] == sd[-2][0]):
+        dd[-2:] = [(1, dd[-2][1] * dd[-1][1])]
+        sd[-2:] = [(1, sd[-2][1] * sd[-1][1])]
+        merged = True
+    if not merged:
+        return None
+    return (isa.AP(dst.mem, dst.name, dst.dtype, dst.offset, tuple(dd), dst.part),
+            isa.AP(src.mem, src.name, src.dtype, src.offset, tuple(sd), src.part))
+
+
+def _column_cut(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
+                least: int = DMA_PIECE_BYTES, shares: list | None = None) -> list | None:
+    """_column_pieces along the last dimension as it is. An SBUF/PSUM destination whose
+    offset is off its granule by a fixed amount (a box's first row after a border row) is
+    cut at the granules' own boundaries (the first piece is that much shorter): pieces on
+    different queues then never share a cell."""
     if (len(dst.dims) < 2 or len(dst.dims) != len(src.dims) or dst.dims[-1][0] != 1
             or any(a[1] != b[1] for a, b in zip(dst.dims, src.dims))):
         return None
@@ -2792,15 +2839,38 @@ def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
     g = max(1, gran // item)
     d = len(dst.dims) - 1
     E = dst.dims[d][1]
-    m = min(n, E // g, dst.num_elements * item // least if least else n)
+    phase = 0
+    if dst.mem != "hbm":
+        off = dst.offset
+        base, terms = (off, ()) if isinstance(off, int) else (off.base, off.terms)
+        if all(c % gran == 0 for _, c, _ in terms) and base % gran % item == 0:
+            phase = base % gran // item
+    cuts = list(range(g - phase if phase else g, E, g))     # granule boundaries inside
+    if cuts and E - cuts[-1] < g:                            # (a short last one merges)
+        cuts.pop()
+    segs = len(cuts) + 1
+    m = min(n, segs, dst.num_elements * item // least if least else n)
     if m < 2:
         return None
-    units, rest = divmod(E // g, m)
+    if shares:
+        ends, acc = [], 0.0
+        for f in sorted(shares, reverse=True)[:-1]:
+            acc += f
+            c = min(cuts, key=lambda x: abs(x - acc * E))
+            if c > (ends[-1] if ends else 0):
+                ends.append(c)
+        if not ends:
+            return None
+    else:
+        units, rest = divmod(segs, m)
+        ends, k = [], 0
+        for j in range(m - 1):
+            k += units + (j < rest)
+            ends.append(cuts[k - 1])
     out, c0 = [], 0
-    for j in range(m):
-        w = (units + (j < rest)) * g if j < m - 1 else E - c0
-        out.append((_slice_ap(dst, d, c0, w), _slice_ap(src, d, c0, w)))
-        c0 += w
+    for c1 in ends + [E]:
+        out.append((_slice_ap(dst, d, c0, c1 - c0), _slice_ap(src, d, c0, c1 - c0)))
+        c0 = c1
     return out
 
 
@@ -2969,6 +3039,33 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
             continue
         if producer is not None and _matmul_fill(lw, job, ld, producer, at, part, deps, slots,
                                                  nom, slot_val, memo, env):
+            continue
+
+        if (producer is None and slots and not tailed and part in used
+                and per * ITEMSIZE[dtype] < lw.spec.dep_granule_bytes
+                and not any(u in job.split_of and job.split_of[u].tail for u in slots)):
+            # slots smaller than a dependency granule (a depthwise conv's [C, KH, KW]
+            # weights: one column per tap) share cells: slot by slot, transfers on different
+            # queues would wait for each other's writes; one transfer fills every slot
+            ext = dict(env.ext)
+            for a_ in (part, *deps, *slots):
+                ext[a_] = nom[a_] if a_ in slots or a_ not in used else lw.ext_of(job, a_, env)
+            box = Val("sbuf", Lin(base.const, base.terms) if isinstance(base, Lin) else base,
+                      (*slots, *deps), (*(slot_stride[u] for u in slots), *strides), dtype,
+                      bname)
+            with lw.level():
+                lw.dma(lw.ap(box, ext[part], [*slots, *deps], ext),
+                       lw.hbm_ap(ld.tensor, ld.index, part, [*slots, *deps], env, ext))
+
+            def register(e, i=0):       # each slot's tile, as the slot loops bind it (peeled
+                if i < len(slots):      # or not: nothing emitted, no loop)
+                    lw.bind_loop(job, slots[i], e, lambda e2: register(e2, i + 1))
+                    return
+                ext2 = dict(e.ext)
+                for a_ in (part, *deps):
+                    ext2[a_] = lw.ext_of(job, a_, e) if a_ in used else nom[a_]
+                memo[lw.operand_key(ld, part, deps, e, ext2)] = slot_val
+            register(env)
             continue
 
         def fill(e, i=0):
