@@ -46,6 +46,7 @@ TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fil
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
 STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
+MAX_SLOT_KEYS = 4096  # compiler choice: a one-transfer fill registers at most this many slot keys
 POOL_MIN_GAIN = 0.1   # compiler choice: a store pool above the byte share must lighten the busiest
                       # queue by this fraction
 PEEL_FIRST = 2   # compiler choice: first iterations of a pipelined loop peeled (tile + prefetch)
@@ -2696,7 +2697,7 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         P = dst.dims[0][1]
         nb = -(-P // blk)
         nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
-        k = max(1, min(size, nb, nbytes // DMA_PIECE_BYTES))
+        k = max(1, min(size, nb, dma_queue_bytes(dst, src, spec) // DMA_PIECE_BYTES))
         per, extra = divmod(nb, k)
 
         def rows(counts):
@@ -2712,17 +2713,7 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         pieces = rows([per + 1] * extra + [per] * (k - extra))
         if k == size > 1 and extra:     # whole blocks everywhere, the rest cut into columns?
             r0 = min(P, per * k * blk)
-            left = (_sub_ap(dst, r0, P - r0), _sub_ap(src, r0, P - r0))
-            # cut so the pool's queues end level (the least busy get the most: a small
-            # transfer queued on one of them ahead of this one then costs nothing extra)
-            have = sorted(load[lo:lo + size])
-            tot = qb(left) * trips[id(ins)]
-            j = size
-            while j > 1 and have[j - 1] * j - sum(have[:j]) >= tot:
-                j -= 1
-            level = (sum(have[:j]) + tot) / j
-            cols = _column_pieces(*left, size, spec,
-                                  shares=[(level - h) / tot for h in have[:j]] if tot else None)
+            cols = _column_pieces(_sub_ap(dst, r0, P - r0), _sub_ap(src, r0, P - r0), size, spec)
             if cols:
                 even = rows([per] * k)
                 if qb(even[0]) + max(map(qb, cols)) < qb(pieces[0]):
@@ -2789,20 +2780,20 @@ def dma_queue_bytes(dst: isa.AP, src: isa.AP, spec: sim.MachineSpec) -> int:
 
 
 def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
-                   least: int = DMA_PIECE_BYTES, shares: list | None = None) -> list | None:
+                   least: int = DMA_PIECE_BYTES) -> list | None:
     """Up to n (dst, src) pieces of a transfer cut along its last dimension, at multiples of
     the destination's dependency granule (pieces on different queues then write different
     cells: no write-after-write order between them) and of at least DMA_PIECE_BYTES; None
     when that gives fewer than two pieces or the two sides' dimensions differ. When the last
-    dimension is too short for n pieces, trailing dimensions contiguous on both sides are
-    merged first (a plane's rows: [P, H, W] -> [P, H*W]) and the merged one is cut.
-    `shares` (fractions summing to 1): pieces of about those sizes instead of equal ones
-    (at granule boundaries; empty ones dropped)."""
-    out = _column_cut(dst, src, n, spec, least, shares)
-    if out is None or len(out) < min(n, len(shares or range(n))):
+    dimension is too short for n pieces, an on-chip destination's trailing dimensions
+    contiguous on both sides are merged first (a plane's rows: [P, H, W] -> [P, H*W]) and the
+    merged one is cut (not into HBM: its cells are the tensor's rows, a cut through a row
+    would share a cell between queues)."""
+    out = _column_cut(dst, src, n, spec, least)
+    if dst.mem != "hbm" and (out is None or len(out) < n):
         merged = _merge_contiguous(dst, src)
         if merged is not None:
-            more = _column_cut(*merged, n, spec, least, shares)
+            more = _column_cut(*merged, n, spec, least)
             if more is not None and len(more) > len(out or ()):
                 return more
     return out
@@ -2826,7 +2817,7 @@ def _merge_contiguous(dst: isa.AP, src: isa.AP):
 
 
 def _column_cut(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
-                least: int = DMA_PIECE_BYTES, shares: list | None = None) -> list | None:
+                least: int = DMA_PIECE_BYTES) -> list | None:
     """_column_pieces along the last dimension as it is. An SBUF/PSUM destination whose
     offset is off its granule by a fixed amount (a box's first row after a border row) is
     cut at the granules' own boundaries (the first piece is that much shorter): pieces on
@@ -2852,21 +2843,11 @@ def _column_cut(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
     m = min(n, segs, dst.num_elements * item // least if least else n)
     if m < 2:
         return None
-    if shares:
-        ends, acc = [], 0.0
-        for f in sorted(shares, reverse=True)[:-1]:
-            acc += f
-            c = min(cuts, key=lambda x: abs(x - acc * E))
-            if c > (ends[-1] if ends else 0):
-                ends.append(c)
-        if not ends:
-            return None
-    else:
-        units, rest = divmod(segs, m)
-        ends, k = [], 0
-        for j in range(m - 1):
-            k += units + (j < rest)
-            ends.append(cuts[k - 1])
+    units, rest = divmod(segs, m)
+    ends, k = [], 0
+    for j in range(m - 1):
+        k += units + (j < rest)
+        ends.append(cuts[k - 1])
     out, c0 = [], 0
     for c1 in ends + [E]:
         out.append((_slice_ap(dst, d, c0, c1 - c0), _slice_ap(src, d, c0, c1 - c0)))
@@ -3041,31 +3022,35 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                                                  nom, slot_val, memo, env):
             continue
 
+        # slots smaller than a dependency granule (a depthwise conv's [C, KH, KW] weights: one
+        # column per tap) share cells: slot by slot, transfers on different queues would wait
+        # for each other's writes; one transfer fills every slot. Each slot's tile is then
+        # found by the access pattern the consumer reads it with (see operand_key): a loop
+        # binds the slot atom to its variable, plus its first iterations' count when they are
+        # peeled (Lowerer.bind_loop), a peeled or unrolled iteration to a constant
+        binds = [[Lin(c) for c in range(nom[u])]
+                 + ([] if u in job.unroll else [Lin.var(u) + k for k in range(PEEL_FIRST + 1)])
+                 for u in slots]
         if (producer is None and slots and not tailed and part in used
                 and per * ITEMSIZE[dtype] < lw.spec.dep_granule_bytes
-                and not any(u in job.split_of and job.split_of[u].tail for u in slots)):
-            # slots smaller than a dependency granule (a depthwise conv's [C, KH, KW]
-            # weights: one column per tap) share cells: slot by slot, transfers on different
-            # queues would wait for each other's writes; one transfer fills every slot
+                and not any(u in job.split_of and job.split_of[u].tail for u in slots)
+                and math.prod(map(len, binds)) <= MAX_SLOT_KEYS):
             ext = dict(env.ext)
             for a_ in (part, *deps, *slots):
                 ext[a_] = nom[a_] if a_ in slots or a_ not in used else lw.ext_of(job, a_, env)
-            box = Val("sbuf", Lin(base.const, base.terms) if isinstance(base, Lin) else base,
-                      (*slots, *deps), (*(slot_stride[u] for u in slots), *strides), dtype,
-                      bname)
+            box = Val("sbuf", base, (*slots, *deps),
+                      (*(slot_stride[u] for u in slots), *strides), dtype, bname)
             with lw.level():
                 lw.dma(lw.ap(box, ext[part], [*slots, *deps], ext),
                        lw.hbm_ap(ld.tensor, ld.index, part, [*slots, *deps], env, ext))
-
-            def register(e, i=0):       # each slot's tile, as the slot loops bind it (peeled
-                if i < len(slots):      # or not: nothing emitted, no loop)
-                    lw.bind_loop(job, slots[i], e, lambda e2: register(e2, i + 1))
-                    return
+            for vals in itertools.product(*binds):
+                e = env
+                for u, val in zip(slots, vals):
+                    e = e.bind(u, val)
                 ext2 = dict(e.ext)
                 for a_ in (part, *deps):
                     ext2[a_] = lw.ext_of(job, a_, e) if a_ in used else nom[a_]
                 memo[lw.operand_key(ld, part, deps, e, ext2)] = slot_val
-            register(env)
             continue
 
         def fill(e, i=0):
