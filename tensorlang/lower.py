@@ -641,7 +641,8 @@ class Lowerer:
         else:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
-        if (not env.loops and job.hooks.get(u) and parts[0][1] > 2
+        if (not env.loops and parts[0][1] > 1 + (not job.hooks.get(u))
+                and (job.hooks.get(u) or self._fills_inside(job, u))
                 and u not in job.unroll
                 and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
             # the first iteration of the outermost loop that hosts fills is peeled: its loads
@@ -689,15 +690,30 @@ class Lowerer:
                 self.loop(u, count, lambda e=e: body(e))
         if whole:
             self.hoist_loads(mark + self.job_top - top0)
+        elif first > 0:     # the loop's box borders (set once before it) go before the peeled
+            self.hoist_loads(mark + self.job_top - top0, loads=False)   # iterations' work
         self.peeled = outer_peeled
 
-    def hoist_loads(self, i0: int):
+    def _fills_inside(self, job: Job, u: str) -> bool:
+        """The spatial loops directly inside loop u, up to one that hosts fills, form with u
+        one pipelined sequence of tiles (a fused loop's atoms: its innermost rotates)."""
+        k = job.loops.index(u) + 1
+        while k < len(job.loops) and job.kind.get(job.loops[k]) == "spatial":
+            v = job.loops[k]
+            if job.hooks.get(v):
+                return v in job.pipe
+            k += 1
+        return False
+
+    def hoist_loads(self, i0: int, loads: bool = True):
         """Move the HBM loads among the top-level nodes from i0 on ahead of the other nodes
         there (keeping the loads' order), with the SBUF memsets before them (a padded box's
         border), as far as no node they pass touches the buffer they fill (any byte of it:
         buffers are the unit) or writes the tensor they read: the
         peeled first iterations of a pipelined loop then load all their tiles before the
-        first store, over every DMA queue (assign_queues), as the loop would have."""
+        first store, over every DMA queue (assign_queues), as the loop would have. With
+        `loads` False only the memsets move (a loop's borders, set before it: its first
+        loads need not wait for the peeled iterations' work on the engine setting them)."""
         seg = self.body[-1][i0:]
         where = {b.name: (b.mem, b.offset, b.offset + b.size) for b in self.buffers}
         front, rest, rest_bufs, rest_hbm = [], [], [], set()
@@ -705,8 +721,8 @@ class Lowerer:
             aps = [(a, a is i.dst or a is i.dst2) for i, _ in isa.walk_instrs((node,))
                    for a in (i.dst, i.dst2, *i.srcs) if a is not None]
             if isinstance(node, isa.Instr) and (
-                    node.op == "dma" and node.dst.mem != "hbm" and node.srcs[0].mem == "hbm"
-                    and node.srcs[0].name not in rest_hbm
+                    loads and node.op == "dma" and node.dst.mem != "hbm"
+                    and node.srcs[0].mem == "hbm" and node.srcs[0].name not in rest_hbm
                     or node.op == "memset" and node.dst.mem == "sbuf"):   # (a box's border)
                 m, lo, hi = where.get(node.dst.name, (node.dst.mem, 0, math.inf))
                 if not any(m == m2 and lo < hi2 and lo2 < hi for m2, lo2, hi2 in rest_bufs):
