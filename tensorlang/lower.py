@@ -2713,7 +2713,8 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         P = dst.dims[0][1]
         nb = -(-P // blk)
         nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
-        k = max(1, min(size, nb, dma_queue_bytes(dst, src, spec) // DMA_PIECE_BYTES))
+        qbytes = dma_queue_bytes(dst, src, spec)   # (short runs: their overhead counts)
+        k = max(1, min(size, nb, (qbytes if qbytes > 2 * nbytes else nbytes) // DMA_PIECE_BYTES))
         per, extra = divmod(nb, k)
 
         def rows(counts):
