@@ -3039,9 +3039,10 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                                                  nom, slot_val, memo, env):
             continue
 
-        # slots smaller than a dependency granule (a depthwise conv's [C, KH, KW] weights: one
-        # column per tap) share cells: slot by slot, transfers on different queues would wait
-        # for each other's writes; one transfer fills every slot. Each slot's tile is then
+        # slots whose rows are shorter than a run's DMA overhead (a depthwise conv's [C, KH,
+        # KW] weights: one element per tap) share cells: slot by slot, transfers on
+        # different queues would wait for each other's writes, each mostly overhead; one
+        # transfer fills every slot. Each slot's tile is then
         # found by the access pattern the consumer reads it with (see operand_key): a loop
         # binds the slot atom to its variable, plus its first iterations' count when they are
         # peeled (Lowerer.bind_loop), a peeled or unrolled iteration to a constant
@@ -3049,7 +3050,7 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
                  + ([] if u in job.unroll else [Lin.var(u) + k for k in range(PEEL_FIRST + 1)])
                  for u in slots]
         if (producer is None and slots and not tailed and part in used
-                and per * ITEMSIZE[dtype] < lw.spec.dep_granule_bytes
+                and per * ITEMSIZE[dtype] < lw.spec.dma_chunk_overhead_bytes
                 and not any(u in job.split_of and job.split_of[u].tail for u in slots)
                 and math.prod(map(len, binds)) <= MAX_SLOT_KEYS):
             ext = dict(env.ext)
