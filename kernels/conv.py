@@ -226,14 +226,22 @@ def depthwise_template(s, cfg):
     kh, kw = s.reduce_axes("Y")
     if ext(s, h) * ext(s, w) * 4 <= cfg["plane_kib"] * 1024:
         co, ci = s.split(c, _whole(ext(s, c), 128))     # equal tiles: no tail, one box each
-        s.reorder(n, co, kh, kw, ci, h, w)
+        images = ext(s, n) > 1
+        if images:      # an outer loop of one iteration holds the weights (see below)
+            top, n = s.split(n, ext(s, n))
+            s.reorder(top, n, co, kh, kw, ci, h, w)
+        else:
+            s.reorder(n, co, kh, kw, ci, h, w)
         s.partition(ci)
         s.vectorize(h)
         s.vectorize(w)
         s.pipeline(kh, 1)      # a loop (depth 1: one slot), never a vectorized reduction
         s.unroll(kw)           # each column tap its own columns: no padding columns on chip
-        tiles = s.fuse(n, co) if ext(s, n) > 1 else co
-        s.cache_read("Wt", "sbuf", tiles)      # first: not queued behind the plane's load
+        tiles = s.fuse(n, co) if images else co
+        # several images: the weights load once, by one DMA before the tiles (not once per
+        # tile, queued on a load queue ahead of each plane's load); else once per tile,
+        # first (not queued behind the plane's load)
+        s.cache_read("Wt", "sbuf", top if images else tiles)
         s.cache_read("X", "sbuf", tiles)
         # small planes: a third slot (their PSUM rows fit three times)
         pipe = cfg["pipe"] + (ext(s, h) * ext(s, w) * 4 <= cfg["small_kib"] * 1024)

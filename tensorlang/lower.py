@@ -46,6 +46,7 @@ TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fil
 DMA_PIECE_BYTES = 4096  # compiler choice: a tile DMA is split over up to dma_queues pieces of >= this
 STORE_TRANSFER_BINS = 2  # compiler choice: store transfers of <= this many HBM bins of queue time
 STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
+MAX_SLOT_KEYS = 4096  # compiler choice: a one-transfer fill registers at most this many slot keys
 POOL_MIN_GAIN = 0.1   # compiler choice: a store pool above the byte share must lighten the busiest
                       # queue by this fraction
 PEEL_FIRST = 2   # compiler choice: first iterations of a pipelined loop peeled (tile + prefetch)
@@ -643,7 +644,8 @@ class Lowerer:
         else:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
-        if (not env.loops and job.hooks.get(u) and parts[0][1] > 2
+        if (not env.loops and parts[0][1] > 1 + (not job.hooks.get(u))
+                and (job.hooks.get(u) or self._fills_inside(job, u))
                 and u not in job.unroll
                 and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
             # the first iteration of the outermost loop that hosts fills is peeled: its loads
@@ -709,6 +711,8 @@ class Lowerer:
                 self.loop(u, count, lambda e=e: body(e))
         if whole:
             self.hoist_loads(mark + self.job_top - top0)
+        elif first > 0:     # the loop's box borders (set once before it) go before the peeled
+            self.hoist_loads(mark + self.job_top - top0, loads=False)   # iterations' work
         self.peeled = outer_peeled
         self.in_last = outer_last
 
@@ -723,13 +727,26 @@ class Lowerer:
         exprs = [job.value] + ([job.init] if job.init is not None else [])
         return all(ld.tensor in on_chip for e in exprs for ld in _loads_of(e))
 
-    def hoist_loads(self, i0: int):
+    def _fills_inside(self, job: Job, u: str) -> bool:
+        """The spatial loops directly inside loop u, up to one that hosts fills, form with u
+        one pipelined sequence of tiles (a fused loop's atoms: its innermost rotates)."""
+        k = job.loops.index(u) + 1
+        while k < len(job.loops) and job.kind.get(job.loops[k]) == "spatial":
+            v = job.loops[k]
+            if job.hooks.get(v):
+                return v in job.pipe
+            k += 1
+        return False
+
+    def hoist_loads(self, i0: int, loads: bool = True):
         """Move the HBM loads among the top-level nodes from i0 on ahead of the other nodes
         there (keeping the loads' order), with the SBUF memsets before them (a padded box's
         border), as far as no node they pass touches the buffer they fill (any byte of it:
         buffers are the unit) or writes the tensor they read: the
         peeled first iterations of a pipelined loop then load all their tiles before the
-        first store, over every DMA queue (assign_queues), as the loop would have."""
+        first store, over every DMA queue (assign_queues), as the loop would have. With
+        `loads` False only the memsets move (a loop's borders, set before it: its first
+        loads need not wait for the peeled iterations' work on the engine setting them)."""
         seg = self.body[-1][i0:]
         where = {b.name: (b.mem, b.offset, b.offset + b.size) for b in self.buffers}
         front, rest, rest_bufs, rest_hbm = [], [], [], set()
@@ -737,8 +754,8 @@ class Lowerer:
             aps = [(a, a is i.dst or a is i.dst2) for i, _ in isa.walk_instrs((node,))
                    for a in (i.dst, i.dst2, *i.srcs) if a is not None]
             if isinstance(node, isa.Instr) and (
-                    node.op == "dma" and node.dst.mem != "hbm" and node.srcs[0].mem == "hbm"
-                    and node.srcs[0].name not in rest_hbm
+                    loads and node.op == "dma" and node.dst.mem != "hbm"
+                    and node.srcs[0].mem == "hbm" and node.srcs[0].name not in rest_hbm
                     or node.op == "memset" and node.dst.mem == "sbuf"):   # (a box's border)
                 m, lo, hi = where.get(node.dst.name, (node.dst.mem, 0, math.inf))
                 if not any(m == m2 and lo < hi2 and lo2 < hi for m2, lo2, hi2 in rest_bufs):
@@ -2768,7 +2785,8 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         P = dst.dims[0][1]
         nb = -(-P // blk)
         nbytes = dst.num_elements * ITEMSIZE[dst.dtype]
-        k = max(1, min(size, nb, nbytes // DMA_PIECE_BYTES))
+        qbytes = dma_queue_bytes(dst, src, spec)   # (short runs: their overhead counts)
+        k = max(1, min(size, nb, (qbytes if qbytes > 2 * nbytes else nbytes) // DMA_PIECE_BYTES))
         per, extra = divmod(nb, k)
 
         def rows(counts):
@@ -2882,7 +2900,44 @@ def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
     """Up to n (dst, src) pieces of a transfer cut along its last dimension, at multiples of
     the destination's dependency granule (pieces on different queues then write different
     cells: no write-after-write order between them) and of at least DMA_PIECE_BYTES; None
-    when that gives fewer than two pieces or the two sides' dimensions differ."""
+    when that gives fewer than two pieces or the two sides' dimensions differ. When the last
+    dimension is too short for n pieces, an on-chip destination's trailing dimensions
+    contiguous on both sides are merged first (a plane's rows: [P, H, W] -> [P, H*W]) and the
+    merged one is cut (not into HBM: its cells are the tensor's rows, a cut through a row
+    would share a cell between queues)."""
+    out = _column_cut(dst, src, n, spec, least)
+    if dst.mem != "hbm" and (out is None or len(out) < n):
+        merged = _merge_contiguous(dst, src)
+        if merged is not None:
+            more = _column_cut(*merged, n, spec, least)
+            if more is not None and len(more) > len(out or ()):
+                return more
+    return out
+
+
+def _merge_contiguous(dst: isa.AP, src: isa.AP):
+    """(dst, src) with their trailing dimensions that are contiguous on both sides merged
+    into one (at least two merged), else None."""
+    dd, sd = list(dst.dims), list(src.dims)
+    merged = False
+    while (len(dd) > 2 and len(dd) == len(sd) and dd[-1][0] == 1 == sd[-1][0]
+           and dd[-2][1] == sd[-2][1] and dd[-1][1] == sd[-1][1]
+           and dd[-2][0] == dd[-1][1] == sd[-2][0]):
+        dd[-2:] = [(1, dd[-2][1] * dd[-1][1])]
+        sd[-2:] = [(1, sd[-2][1] * sd[-1][1])]
+        merged = True
+    if not merged:
+        return None
+    return (isa.AP(dst.mem, dst.name, dst.dtype, dst.offset, tuple(dd), dst.part),
+            isa.AP(src.mem, src.name, src.dtype, src.offset, tuple(sd), src.part))
+
+
+def _column_cut(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
+                least: int = DMA_PIECE_BYTES) -> list | None:
+    """_column_pieces along the last dimension as it is. An SBUF/PSUM destination whose
+    offset is off its granule by a fixed amount (a box's first row after a border row) is
+    cut at the granules' own boundaries (the first piece is that much shorter): pieces on
+    different queues then never share a cell."""
     if (len(dst.dims) < 2 or len(dst.dims) != len(src.dims) or dst.dims[-1][0] != 1
             or any(a[1] != b[1] for a, b in zip(dst.dims, src.dims))):
         return None
@@ -2891,15 +2946,28 @@ def _column_pieces(dst: isa.AP, src: isa.AP, n: int, spec: sim.MachineSpec,
     g = max(1, gran // item)
     d = len(dst.dims) - 1
     E = dst.dims[d][1]
-    m = min(n, E // g, dst.num_elements * item // least if least else n)
+    phase = 0
+    if dst.mem != "hbm":
+        off = dst.offset
+        base, terms = (off, ()) if isinstance(off, int) else (off.base, off.terms)
+        if all(c % gran == 0 for _, c, _ in terms) and base % gran % item == 0:
+            phase = base % gran // item
+    cuts = list(range(g - phase if phase else g, E, g))     # granule boundaries inside
+    if cuts and E - cuts[-1] < g:                            # (a short last one merges)
+        cuts.pop()
+    segs = len(cuts) + 1
+    m = min(n, segs, dst.num_elements * item // least if least else n)
     if m < 2:
         return None
-    units, rest = divmod(E // g, m)
+    units, rest = divmod(segs, m)
+    ends, k = [], 0
+    for j in range(m - 1):
+        k += units + (j < rest)
+        ends.append(cuts[k - 1])
     out, c0 = [], 0
-    for j in range(m):
-        w = (units + (j < rest)) * g if j < m - 1 else E - c0
-        out.append((_slice_ap(dst, d, c0, w), _slice_ap(src, d, c0, w)))
-        c0 += w
+    for c1 in ends + [E]:
+        out.append((_slice_ap(dst, d, c0, c1 - c0), _slice_ap(src, d, c0, c1 - c0)))
+        c0 = c1
     return out
 
 
@@ -3068,6 +3136,38 @@ def hoist(lw: Lowerer, job: Job, tensor: str, at: str, env: Env, producer):
             continue
         if producer is not None and _matmul_fill(lw, job, ld, producer, at, part, deps, slots,
                                                  nom, slot_val, memo, env):
+            continue
+
+        # slots whose rows are shorter than a run's DMA overhead (a depthwise conv's [C, KH,
+        # KW] weights: one element per tap) share cells: slot by slot, transfers on
+        # different queues would wait for each other's writes, each mostly overhead; one
+        # transfer fills every slot. Each slot's tile is then
+        # found by the access pattern the consumer reads it with (see operand_key): a loop
+        # binds the slot atom to its variable, plus its first iterations' count when they are
+        # peeled (Lowerer.bind_loop), a peeled or unrolled iteration to a constant
+        binds = [[Lin(c) for c in range(nom[u])]
+                 + ([] if u in job.unroll else [Lin.var(u) + k for k in range(PEEL_FIRST + 1)])
+                 for u in slots]
+        if (producer is None and slots and not tailed and part in used
+                and per * ITEMSIZE[dtype] < lw.spec.dma_chunk_overhead_bytes
+                and not any(u in job.split_of and job.split_of[u].tail for u in slots)
+                and math.prod(map(len, binds)) <= MAX_SLOT_KEYS):
+            ext = dict(env.ext)
+            for a_ in (part, *deps, *slots):
+                ext[a_] = nom[a_] if a_ in slots or a_ not in used else lw.ext_of(job, a_, env)
+            box = Val("sbuf", base, (*slots, *deps),
+                      (*(slot_stride[u] for u in slots), *strides), dtype, bname)
+            with lw.level():
+                lw.dma(lw.ap(box, ext[part], [*slots, *deps], ext),
+                       lw.hbm_ap(ld.tensor, ld.index, part, [*slots, *deps], env, ext))
+            for vals in itertools.product(*binds):
+                e = env
+                for u, val in zip(slots, vals):
+                    e = e.bind(u, val)
+                ext2 = dict(e.ext)
+                for a_ in (part, *deps):
+                    ext2[a_] = lw.ext_of(job, a_, e) if a_ in used else nom[a_]
+                memo[lw.operand_key(ld, part, deps, e, ext2)] = slot_val
             continue
 
         def fill(e, i=0):
