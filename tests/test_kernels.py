@@ -296,6 +296,18 @@ def test_norms(dtype, mn):
     check(kernels.rmsnorm_matmul, (X, g, W), xn @ f32(W), dtype)
 
 
+def test_rmsnorm_matmul_row_blocks_pipelined():
+    """rmsnorm_matmul over three row blocks (mi=4 row tiles each): the block loop is
+    pipelined, the Xn of two blocks in SBUF at once (Xn_cache, Xn_cache_1), values = numpy."""
+    dtype = "bfloat16"
+    X, g, W = R((1536, 256), dtype), R((256,), dtype, 1), R((256, 512), dtype, 3)
+    prog = kernels.rmsnorm_matmul.trace(X, g, W)
+    kern = kernels.rmsnorm_matmul.template_schedule(prog, "trn2", 0).build("trn2")
+    assert "buffer Xn_cache_1 " in kern.asm()
+    xn = rms(f32(X), f32(g)).astype(np_dtype(dtype)).astype(np.float32)
+    assert_close(kern.run(X, g, W), xn @ f32(W), dtype)
+
+
 # -- attention ------------------------------------------------------------------------------------
 
 def attention_ref(Q, K, V, causal):
