@@ -189,8 +189,12 @@ def rms_matmul_template(s, cfg):
     s.compute_at("Xn", s.axes("C")[0])
     if ioi is not None and cfg["px"] > 1:
         s.pipeline(ioi, cfg["px"])          # the row tiles of Xn are computed overlapped
-    if ioi is not None and cfg.get("pb", 1) > 1 and ext(s, ioo) > 1:
-        s.pipeline(ioo, cfg["pb"])          # block b+1's Xn is computed while block b multiplies
+    if (ioi is not None and cfg.get("pb", 1) > 1 and ext(s, ioo) > 1
+            and s.prog.inputs[0].shape[1] >= cfg["pb_k"]):
+        # two row blocks' Xn in SBUF, the first two blocks peeled with their loads first:
+        # pays when a block's normalisation is long (K >= pb_k); with a short one it does
+        # not (2048x4096x1024 on trn2: 733.3k -> 763.2k cycles with it)
+        s.pipeline(ioo, cfg["pb"])
     i, = s.axes("ms")
     k, = s.reduce_axes("ms")
     io, ii = s.split(i, fit(ext(s, i), cfg["mt"]))
@@ -217,7 +221,7 @@ log_softmax = KernelFn("log_softmax", log_softmax_algo, NORM, "row-wise log-soft
 layernorm = KernelFn("layernorm", layernorm_algo, NORM, "layer normalisation over the last axis")
 rmsnorm = KernelFn("rmsnorm", rmsnorm_algo, NORM, "RMS normalisation over the last axis")
 rmsnorm_matmul = KernelFn("rmsnorm_matmul", rmsnorm_matmul_algo,
-                          (("fused", rms_matmul_template, {**MM, "pb": 2}),
+                          (("fused", rms_matmul_template, {**MM, "pb": 2, "pb_k": 2048}),
                            ("fused", rms_matmul_template, MM),   # when two Xn blocks overflow SBUF
                            ("unfused", rms_matmul_unfused, MM)),
                           "rmsnorm(X, gamma) @ W, fused")
