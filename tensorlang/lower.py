@@ -749,12 +749,12 @@ class Lowerer:
         loads need not wait for the peeled iterations' work on the engine setting them)."""
         seg = self.body[-1][i0:]
         where = {b.name: (b.mem, b.offset, b.offset + b.size) for b in self.buffers}
-        front, rest, rest_bufs, rest_hbm = [], [], [], set()
+        front, rest, rest_bufs, rest_hbm, passed = [], [], [], set(), False
         for node in seg:
             aps = [(a, a is i.dst or a is i.dst2) for i, _ in isa.walk_instrs((node,))
                    for a in (i.dst, i.dst2, *i.srcs) if a is not None]
             if isinstance(node, isa.Instr) and (
-                    loads and node.op == "dma" and node.dst.mem != "hbm"
+                    loads and not passed and node.op == "dma" and node.dst.mem != "hbm"
                     and node.srcs[0].mem == "hbm" and node.srcs[0].name not in rest_hbm
                     or node.op == "memset" and node.dst.mem == "sbuf"):   # (a box's border)
                 m, lo, hi = where.get(node.dst.name, (node.dst.mem, 0, math.inf))
@@ -762,6 +762,10 @@ class Lowerer:
                     front.append(node)
                     continue
             rest.append(node)
+            # a load does not overtake the loads of a loop left behind (an inner loop's
+            # fills: a later block's tiles would queue ahead of this block's operands)
+            passed = passed or any(i.op == "dma" and i.srcs[0].mem == "hbm"
+                                   and i.dst.mem != "hbm" for i, _ in isa.walk_instrs((node,)))
             rest_hbm.update(a.name for a, w in aps if w and a.mem == "hbm")
             rest_bufs += [where.get(a.name, (a.mem, 0, math.inf)) for a, _ in aps
                           if a.mem != "hbm"]
