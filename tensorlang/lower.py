@@ -644,8 +644,9 @@ class Lowerer:
         else:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
-        if (not env.loops and parts[0][1] > 1 + (not job.hooks.get(u))
-                and (job.hooks.get(u) or self._fills_inside(job, u))
+        if (not env.loops and parts[0][1] > 1 + (not job.hooks.get(u)
+                                                 and not self._fills_inside(job, u, reduce=True))
+                and (job.hooks.get(u) or self._fills_inside(job, u, reduce=True))
                 and u not in job.unroll
                 and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
             # the first iteration of the outermost loop that hosts fills is peeled: its loads
@@ -727,7 +728,7 @@ class Lowerer:
         exprs = [job.value] + ([job.init] if job.init is not None else [])
         return all(ld.tensor in on_chip for e in exprs for ld in _loads_of(e))
 
-    def _fills_inside(self, job: Job, u: str) -> bool:
+    def _fills_inside(self, job: Job, u: str, reduce: bool = False) -> bool:
         """The spatial loops directly inside loop u, up to one that hosts fills, form with u
         one pipelined sequence of tiles (a fused loop's atoms: its innermost rotates)."""
         k = job.loops.index(u) + 1
@@ -736,7 +737,17 @@ class Lowerer:
             if job.hooks.get(v):
                 return v in job.pipe
             k += 1
-        return False
+        # reduce: or the reduction loop right inside u hosts pipelined fills (a channel
+        # step's input tiles: a 2-iteration loop of them is peeled, outside peeled iterations:
+        # conv2d 1x1's row blocks, their last store then on every queue)
+        def full(a):        # a loop's whole extent (not one peeled iteration's)
+            s = job.split_of.get(a)
+            return job.root_ext.get(a, 0) if s is None else (
+                -(-full(s.parent) // s.factor) if a == s.outer else s.factor)
+        i = job.loops.index(u)
+        v = (job.loops[k] if reduce and k == i + 1 < len(job.loops)
+             and all(full(a) == 1 for a in job.loops[:i]) else None)     # u outermost
+        return bool(v and job.kind.get(v) == "reduce" and job.hooks.get(v) and v in job.pipe)
 
     def hoist_loads(self, i0: int, loads: bool = True):
         """Move the HBM loads among the top-level nodes from i0 on ahead of the other nodes
