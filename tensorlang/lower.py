@@ -745,8 +745,8 @@ class Lowerer:
             return job.root_ext.get(a, 0) if s is None else (
                 -(-full(s.parent) // s.factor) if a == s.outer else s.factor)
         i = job.loops.index(u)
-        v = (job.loops[k] if reduce and k == i + 1 < len(job.loops)
-             and all(full(a) == 1 for a in job.loops[:i]) else None)     # u outermost
+        v = (job.loops[k] if reduce and k == i + 1 < len(job.loops) and job.stage not in
+             self.attached and all(full(a) == 1 for a in job.loops[:i]) else None)  # outermost
         return bool(v and job.kind.get(v) == "reduce" and job.hooks.get(v) and v in job.pipe)
 
     def hoist_loads(self, i0: int, loads: bool = True):
