@@ -196,7 +196,12 @@ def template(s, cfg):
     if cfg["opipe"] > 1 and outer and ext(s, outer[-1]) > 1:
         s.pipeline(outer[-1], cfg["opipe"])     # a row block's store overlaps the next one
     # weights: natural rows [o, c*kh*kw] loaded whole and transposed per tap on chip
-    s.cache_read("Wt", "sbuf", top if few else oo)
+    # one image and several output blocks: each block's weights are loaded (two slots) so
+    # block 0's transposes and matmuls run while block 1's weights still load
+    per_block = few and ext(s, n) == 1 and ext(s, oo) > 1
+    if per_block:
+        s.pipeline(oo, 2)
+    s.cache_read("Wt", "sbuf", oo if per_block or not few else top)
     # one window box per channel step, shared by the taps; with one channel step, one box
     # (the whole padded plane) per image, shared by the output blocks and row blocks too
     s.cache_read("X", "sbuf", n if ext(s, co) == 1 else co)

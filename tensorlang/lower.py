@@ -644,8 +644,9 @@ class Lowerer:
         else:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
-        if (not env.loops and parts[0][1] > 1 + (not job.hooks.get(u))
-                and (job.hooks.get(u) or self._fills_inside(job, u))
+        if (not env.loops and parts[0][1] > 1 + (not job.hooks.get(u)
+                                                 and not self._fills_inside(job, u, reduce=True))
+                and (job.hooks.get(u) or self._fills_inside(job, u, reduce=True))
                 and u not in job.unroll
                 and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
             # the first iteration of the outermost loop that hosts fills is peeled: its loads
@@ -727,7 +728,7 @@ class Lowerer:
         exprs = [job.value] + ([job.init] if job.init is not None else [])
         return all(ld.tensor in on_chip for e in exprs for ld in _loads_of(e))
 
-    def _fills_inside(self, job: Job, u: str) -> bool:
+    def _fills_inside(self, job: Job, u: str, reduce: bool = False) -> bool:
         """The spatial loops directly inside loop u, up to one that hosts fills, form with u
         one pipelined sequence of tiles (a fused loop's atoms: its innermost rotates)."""
         k = job.loops.index(u) + 1
@@ -736,7 +737,17 @@ class Lowerer:
             if job.hooks.get(v):
                 return v in job.pipe
             k += 1
-        return False
+        # reduce: or the reduction loop right inside u hosts pipelined fills (a channel
+        # step's input tiles: a 2-iteration loop of them is peeled, outside peeled iterations:
+        # conv2d 1x1's row blocks, their last store then on every queue)
+        def full(a):        # a loop's whole extent (not one peeled iteration's)
+            s = job.split_of.get(a)
+            return job.root_ext.get(a, 0) if s is None else (
+                -(-full(s.parent) // s.factor) if a == s.outer else s.factor)
+        i = job.loops.index(u)
+        v = (job.loops[k] if reduce and k == i + 1 < len(job.loops) and job.stage not in
+             self.attached and all(full(a) == 1 for a in job.loops[:i]) else None)  # outermost
+        return bool(v and job.kind.get(v) == "reduce" and job.hooks.get(v) and v in job.pipe)
 
     def hoist_loads(self, i0: int, loads: bool = True):
         """Move the HBM loads among the top-level nodes from i0 on ahead of the other nodes
@@ -749,12 +760,12 @@ class Lowerer:
         loads need not wait for the peeled iterations' work on the engine setting them)."""
         seg = self.body[-1][i0:]
         where = {b.name: (b.mem, b.offset, b.offset + b.size) for b in self.buffers}
-        front, rest, rest_bufs, rest_hbm = [], [], [], set()
+        front, rest, rest_bufs, rest_hbm, passed = [], [], [], set(), False
         for node in seg:
             aps = [(a, a is i.dst or a is i.dst2) for i, _ in isa.walk_instrs((node,))
                    for a in (i.dst, i.dst2, *i.srcs) if a is not None]
             if isinstance(node, isa.Instr) and (
-                    loads and node.op == "dma" and node.dst.mem != "hbm"
+                    loads and not passed and node.op == "dma" and node.dst.mem != "hbm"
                     and node.srcs[0].mem == "hbm" and node.srcs[0].name not in rest_hbm
                     or node.op == "memset" and node.dst.mem == "sbuf"):   # (a box's border)
                 m, lo, hi = where.get(node.dst.name, (node.dst.mem, 0, math.inf))
@@ -762,6 +773,10 @@ class Lowerer:
                     front.append(node)
                     continue
             rest.append(node)
+            # a load does not overtake the loads of a loop left behind (an inner loop's
+            # fills: a later block's tiles would queue ahead of this block's operands)
+            passed = passed or any(i.op == "dma" and i.srcs[0].mem == "hbm"
+                                   and i.dst.mem != "hbm" for i, _ in isa.walk_instrs((node,)))
             rest_hbm.update(a.name for a, w in aps if w and a.mem == "hbm")
             rest_bufs += [where.get(a.name, (a.mem, 0, math.inf)) for a, _ in aps
                           if a.mem != "hbm"]
