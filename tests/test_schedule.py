@@ -588,11 +588,11 @@ def test_row_statistic_scaled_into_psum_is_not_left_on_pool():
     check_values(prog, s.build("trn2"), inputs, ref, "float32")
 
 
-# DMA queue assignment (lower.assign_queues)
+# DMA queue assignment (tensorlang.queues.assign_queues)
 
 def _queue_bytes(body, spec):
     """{queue: (loads, stores)} queue bytes x loop trips of every DMA in `body`."""
-    from tensorlang.lower import dma_queue_bytes
+    from tensorlang.queues import dma_queue_bytes
     out = {}
     for ins, loops in sim.isa.walk_instrs(body):
         if ins.op == "dma":
@@ -618,7 +618,7 @@ def _tile_loop(load_cols, store_cols, n=32, dtype="bfloat16"):
 @pytest.mark.parametrize("load_cols, store_cols", [(4096, 1), (512, 512), (4096, 4096),
                                                    (1000, 8)])
 def test_assign_queues_keeps_every_queue_of_a_pool_busy(load_cols, store_cols):
-    from tensorlang.lower import assign_queues
+    from tensorlang.queues import assign_queues
     spec = sim.machine("trn2")
     body = _tile_loop(load_cols, store_cols)
     out = assign_queues(body, spec)
@@ -642,7 +642,7 @@ def test_assign_queues_sizes_pools_without_the_prologue():
     """Loads before the first store (the prologue) take every queue and wait for no store:
     they do not count when the loop's loads and stores split the queues (a large weight
     load up front would otherwise leave the loop's stores one queue)."""
-    from tensorlang.lower import assign_queues
+    from tensorlang.queues import assign_queues
     I, A, AP = sim.isa.Instr, sim.isa.Addr, sim.isa.AP
     spec = sim.machine("trn2")
     big = I.make("dma", "q0", AP("sbuf", "w", "bfloat16", A(0), ((1, 128), (1, 32768))),
@@ -659,7 +659,7 @@ def test_assign_queues_sizes_pools_without_the_prologue():
 def test_assign_queues_cuts_left_over_rows_into_columns():
     # 32 partition blocks over 15 load queues: 2 blocks each and the last 2 blocks cut
     # along the row at 512-byte granules, so every queue carries the same ~1/15 of the tile
-    from tensorlang.lower import assign_queues
+    from tensorlang.queues import assign_queues
     spec = sim.machine("trn2")
     out = assign_queues(_tile_loop(4096, 1), spec)
     loads = [i for i, _ in sim.isa.walk_instrs(out) if i.op == "dma" and i.dst.mem == "sbuf"]
@@ -678,7 +678,7 @@ def test_assign_queues_cuts_left_over_blocks_into_block_columns():
     # the stores' 32 partition blocks leave blocks over on the store pool; cut into columns
     # alone they would make 2 pieces (2 queues doing a block more every trip), so they are
     # cut per block first: the store queues differ by at most one block x half a row
-    from tensorlang.lower import assign_queues
+    from tensorlang.queues import assign_queues
     from sim.timing import partition_block
     spec = sim.machine("trn2")
     out = assign_queues(_tile_loop(128, 512), spec)
@@ -693,7 +693,7 @@ def test_assign_queues_cuts_left_over_blocks_into_block_columns():
 def test_assign_queues_cuts_stores_into_few_bin_transfers():
     # a [128 x 4096] fp32 store per trip: each transfer costs its queue a few HBM-channel bins
     # at most (no burst claiming the channel ahead of the loads), cut on whole partition blocks
-    from tensorlang.lower import STORE_TRANSFER_BINS, assign_queues, dma_queue_bytes
+    from tensorlang.queues import STORE_TRANSFER_BINS, assign_queues, dma_queue_bytes
     from sim.timing import partition_block
     spec = sim.machine("trn2")
     out = assign_queues(_tile_loop(4096, 4096), spec)
@@ -709,7 +709,7 @@ def test_assign_queues_cuts_stores_into_few_bin_transfers():
 def test_assign_queues_epilogue_stores_use_every_queue():
     # a loop of loads and stores, then a peeled last iteration (top level): its store comes
     # after every load, so it is spread over all queues; the loop's stores keep their pool
-    from tensorlang.lower import assign_queues
+    from tensorlang.queues import assign_queues
     spec = sim.machine("trn2")
     (loop,) = _tile_loop(512, 512, n=3)
     first_ld = _tile_loop(512, 512)[0].body[0]
@@ -732,7 +732,7 @@ def test_assign_queues_sizes_the_store_pool_by_its_busiest_queue(monkeypatch):
     # queue, which then carries the most; the share rounded up (2) leaves the busiest queue
     # less to do, so the pools are 14 + 2, with or without the POOL_MIN_GAIN margin (which
     # only a pool above the rounded-up share needs)
-    from tensorlang import lower
+    from tensorlang import queues
     spec = sim.machine("trn2")
     body = _tile_loop(1536, 64)
 
@@ -741,9 +741,9 @@ def test_assign_queues_sizes_the_store_pool_by_its_busiest_queue(monkeypatch):
 
     def stores(out):
         return {q for q, b in _queue_bytes(out, spec).items() if b[1]}
-    chosen, gain = lower.assign_queues(body, spec), lower.POOL_MIN_GAIN
-    monkeypatch.setattr(lower, "POOL_MIN_GAIN", 1.0)          # the byte share only
-    share = lower.assign_queues(body, spec)
+    chosen, gain = queues.assign_queues(body, spec), queues.POOL_MIN_GAIN
+    monkeypatch.setattr(queues, "POOL_MIN_GAIN", 1.0)         # the byte share only
+    share = queues.assign_queues(body, spec)
     assert len(stores(share)) == 2 and len(stores(chosen)) == 2
     assert busiest(chosen) == busiest(share)
     total = sum(sum(b) for b in _queue_bytes(chosen, spec).values())
