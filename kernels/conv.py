@@ -13,7 +13,11 @@ FOLD_ROWS: the 7x7 stem's C = 3 would use 3 of 128 rows) the (c, kh) taps are fo
 the contraction: two small copy stages lay out Xk[n, c*KH + kh, oh, w] (the input rows each
 kh reads, im2col along h only) and Wk[o, c*KH + kh, kw], and the matmuls contract over
 C * KH rows, one per kw tap. Depthwise convolution has no contraction over channels: the
-channels go on the partitions and the taps accumulate on the vector engine.
+channels go on the partitions and each tap is one accumulating pass split over the scalar,
+vector and gpsimd engines and the tensor engine (a matmul by diag(w), see
+lower.Lowerer.scaled_acc). Caveat of that last share: 0 x Inf is NaN, so an Inf or NaN in
+one channel makes the tensor engine's rows of the other channels of its 128-channel tile
+NaN too; finite inputs give the same values as numpy.
 """
 from __future__ import annotations
 
