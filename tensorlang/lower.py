@@ -46,6 +46,7 @@ DEFAULT_FREE_ELEMS = 2048  # compiler choice: default vectorization width when a
 TRANSPOSE_PSUM_SLOTS = 4  # compiler choice: PSUM banks a staged transposing fill rotates over
 STORE_SLOTS = 2  # compiler choice: slots of a store nest loop's staging tiles (double-buffered)
 MAX_SLOT_KEYS = 4096  # compiler choice: a one-transfer fill registers at most this many slot keys
+BIAS_ROW_FRACTION = 0.25   # compiler choice: most of an SBUF partition a whole bias row takes
 PEEL_FIRST = 2   # compiler choice: first iterations of a pipelined loop peeled (tile + prefetch)
 SPLIT_MIN_ELEMS = 1024  # compiler choice: an elementwise instruction this wide may be split over engines
 SPLIT_MIN_GAIN = 0.05   # ... when that lowers the busiest engine's estimated load by this fraction
@@ -3143,8 +3144,66 @@ def _matmul_fill(lw: Lowerer, job: Job, ld: Load, producer: Stage, at: str, part
         pj.hooks[red[0]] = [lambda e: hoist(lw, pj, mv_ld.tensor, red[0], e, producer=None)]
     with lw.level():
         for t in cached:
-            hoist(lw, pj, t, None, env2, producer=None)
+            if not (t == getattr(pj.init, "tensor", None) and _bias_row(lw, pj, env2)):
+                hoist(lw, pj, t, None, env2, producer=None)
         lw.run_job(pj, env2)
+    return True
+
+
+def _bias_row(lw: Lowerer, pj: Job, env: Env) -> bool:
+    """The bias init b[j] of a block's accumulators (_matmul_fill) whose address runs
+    contiguously over the block's slot loops and the tile's free dims only: the whole row is
+    broadcast to the partitions once for the root job (Lowerer.broadcast: one row from HBM,
+    copied out on chip) and every block's tiles read slices of it, instead of a broadcast DMA
+    per block reading the row from HBM once per partition, ahead of the block's first B tiles
+    (linear 4096x4096x1024 on trn2). False: not such a read (hoist loads it per block)."""
+    ld, part = pj.init, pj.part
+    slots = [u for u in pj.loops if pj.kind.get(u) == "spatial"]
+    deps = tuple(f for f in pj.free if any(ix.coef(f) for ix in ld.index))
+    fl = lw.flat(ld.tensor, ld.index)
+    if (len(lw.memo) < 2 or len(ld.index) != 1 or fl.coef(part) or len(deps) != 1
+            or any(v not in (*slots, *deps) for v, _ in fl.terms)):
+        return False
+    used = [u for u in slots if fl.coef(u)]
+    nom = {u: lw.nominal(pj, u, env) for u in (*used, *deps)}
+    if any(u in pj.split_of and pj.split_of[u].tail for u in used):
+        return False
+    span = 1
+    for v, c in sorted(fl.terms, key=lambda t: t[1]):   # one contiguous run of the row
+        if c != span:
+            return False
+        span *= nom[v]
+    t = lw.tensors[ld.tensor]
+    if (t.dtype not in lw.spec.pe_rate
+            or span * ITEMSIZE[t.dtype] > BIAS_ROW_FRACTION * lw.spec.sbuf_partition_bytes):
+        return False
+    g = f"__{ld.tensor}_row"
+    row = Load(ld.tensor, (Affine.var(g) + fl.const,))
+    key = ("__bias_row__", ld.tensor, fl.const, span)
+    if key not in lw.memo[1]:
+        ext = {**env.ext, part: lw.ext_of(pj, part, env), g: span}
+        lw.memo[1][key] = lw.broadcast(row, part, (g,), Env({}, ext), ext)
+    v = lw.memo[1][key]
+    size = ITEMSIZE[t.dtype]
+    binds = [[Lin(c) for c in range(nom[u])]
+             + ([] if u in pj.unroll else [Lin.var(u) + k for k in range(PEEL_FIRST + 1)])
+             for u in used]
+    if math.prod(map(len, binds)) > MAX_SLOT_KEYS:
+        return False
+
+    def slot_val(e, d=deps):
+        b = v.base
+        for u in used:
+            b = b + e.lin[u].scale(fl.coef(u) * size)
+        return Val("sbuf", b, tuple(d), (1,), t.dtype, v.name)
+    for vals in itertools.product(*binds):
+        e = env
+        for u, val in zip(used, vals):
+            e = e.bind(u, val)
+        ext2 = dict(e.ext)
+        ext2[part] = lw.ext_of(pj, part, e)
+        ext2[deps[0]] = lw.ext_of(pj, deps[0], e)
+        lw.memo[-1][lw.operand_key(ld, part, deps, e, ext2)] = slot_val
     return True
 
 
