@@ -716,7 +716,8 @@ class Lowerer:
                                  for b in self.buffers}
                         self.reserved = (u, [where[x.name] for i, _ in isa.walk_instrs(
                             tuple(segs[-1][1])) for x in (i.dst, i.dst2, *i.srcs)
-                            if x is not None and x.name in where])
+                            if x is not None and x.name in where]) if _pe_waits(
+                                *segs[-1]) else None
                 if peel:
                     self.peel_bid = None
             else:
@@ -777,7 +778,9 @@ class Lowerer:
         (the unit) those nodes touch or reads an HBM tensor they write. The engines run in
         program order, so otherwise the next fill's normalisation waits behind this
         iteration's evacuations and the PE idles before the next block's transposes
-        (rmsnorm_matmul 2048x4096x4096 on trn2: 1092.3 -> 1039.8 us). bind_loop keeps the
+        (rmsnorm_matmul 2048x4096x4096 on trn2: 1092.3 -> 1039.8 us). Only where the PE
+        would idle for the fill's engine work (_pe_waits; elsewhere, e.g. a small rmsnorm's or
+        conv2d's tuned schedules, moving the next loads ahead costs more than it hides). bind_loop keeps the
         ranges iteration c's consumer uses clear while it allocates iteration c+1's fill
         (Lowerer.reserved), so the two do not alias. segs: per iteration (fill nodes,
         consumer nodes), the iterations' runs contiguous and last in the body."""
@@ -802,6 +805,8 @@ class Lowerer:
         seq, n = list(segs[0][0]), len(segs)
         for c in range(n):
             rest, nxt, k = segs[c][1], segs[c + 1][0] if c + 1 < n else [], 0
+            if not _pe_waits(nxt, rest):
+                nxt = []        # only where the PE would idle for the fill (see _pe_waits)
             if nxt:
                 crd, cwr, chw, _ = acc(rest)
             while k < len(nxt):
@@ -811,7 +816,7 @@ class Lowerer:
                 if pe or hw or meet(wr, crd + cwr) or meet(rd, cwr) or hr & chw:
                     break
                 k += 1
-            seq += list(nxt[:k]) + list(rest) + list(nxt[k:])
+            seq += list(nxt[:k]) + list(rest) + list(segs[c + 1][0][k:] if c + 1 < n else [])
         body = self.body[-1]
         assert sorted(map(id, body[len(body) - len(seq):])) == sorted(map(id, seq))
         body[len(body) - len(seq):] = seq
@@ -2779,6 +2784,21 @@ def _lower_jobs(prog: Program, sched: Schedule, spec, pads, prior) -> "Lowerer":
                 filled.discard(name)
                 lw.unfilled.add(name)
     return lw
+
+
+def _pe_waits(fill, rest) -> bool:
+    """The consumer nodes `rest` use the PE and the fill's PE work (e.g. transposes)
+    follows vector / scalar work (e.g. a normalisation): in program order the PE would idle
+    for that work after the consumer (Lowerer.fill_ahead moves it ahead)."""
+    if not any(i.engine == "pe" for i, _ in isa.walk_instrs(tuple(rest))):
+        return False
+    work = False
+    for node in fill:
+        for i, _ in isa.walk_instrs((node,)):
+            if i.engine == "pe":
+                return work
+            work = work or i.op != "dma"
+    return False
 
 
 def _rotation(env: Env):
