@@ -48,9 +48,6 @@ dma.q15 sbuf:X_cache_1.bfloat16[p120@5632][1,8][1,512] <- hbm:X.bfloat16[@126976
 tensor_reduce.pool sbuf:mx_cache.float32[p0@1024][1,128][1,1] <- sbuf:X_cache.bfloat16[p0@0][1,128][1,512] op=max
 tensor_scalar.pool sbuf:mul.float32[p0@2048][1,128][1,1] <- sbuf:mx_cache.float32[p0@1024][1,128][1,1] op0=mul scalar0=-1.0
 activation.act sbuf:exp.float32[p0@2560][1,128][1,512], sbuf:total_cache.float32[p0@1536][1,128][1,1] <- sbuf:X_cache.bfloat16[p0@0][1,128][1,512], sbuf:mul.float32[p0@2048][1,128][1,1] bias=ap func=exp reduce_op=add scale=1.0
-tensor_reduce.pool sbuf:mx_cache_1.float32[p0@6656][1,128][1,1] <- sbuf:X_cache_1.bfloat16[p0@5632][1,128][1,512] op=max
-tensor_scalar.pool sbuf:mul_1.float32[p0@7680][1,128][1,1] <- sbuf:mx_cache_1.float32[p0@6656][1,128][1,1] op0=mul scalar0=-1.0
-activation.act sbuf:exp_1.float32[p0@8192][1,128][1,512], sbuf:total_cache_1.float32[p0@7168][1,128][1,1] <- sbuf:X_cache_1.bfloat16[p0@5632][1,128][1,512], sbuf:mul_1.float32[p0@7680][1,128][1,1] bias=ap func=exp reduce_op=add scale=1.0
 tensor_scalar.dve sbuf:div.bfloat16[p0@4608][1,128][1,512] <- sbuf:exp.float32[p0@2560][1,128][1,512], sbuf:total_cache.float32[p0@1536][1,128][1,1] op0=div reverse0=False scalar0=ap
 dma.q0 hbm:Y.bfloat16[@0][512,8][1,512] <- sbuf:div.bfloat16[p0@4608][1,8][1,512]
 dma.q1 hbm:Y.bfloat16[@4096][512,8][1,512] <- sbuf:div.bfloat16[p8@4608][1,8][1,512]
@@ -68,6 +65,9 @@ dma.q12 hbm:Y.bfloat16[@49152][512,8][1,512] <- sbuf:div.bfloat16[p96@4608][1,8]
 dma.q13 hbm:Y.bfloat16[@53248][512,8][1,512] <- sbuf:div.bfloat16[p104@4608][1,8][1,512]
 dma.q14 hbm:Y.bfloat16[@57344][512,8][1,512] <- sbuf:div.bfloat16[p112@4608][1,8][1,512]
 dma.q15 hbm:Y.bfloat16[@61440][512,8][1,512] <- sbuf:div.bfloat16[p120@4608][1,8][1,512]
+tensor_reduce.pool sbuf:mx_cache_1.float32[p0@6656][1,128][1,1] <- sbuf:X_cache_1.bfloat16[p0@5632][1,128][1,512] op=max
+tensor_scalar.pool sbuf:mul_1.float32[p0@7680][1,128][1,1] <- sbuf:mx_cache_1.float32[p0@6656][1,128][1,1] op0=mul scalar0=-1.0
+activation.act sbuf:exp_1.float32[p0@8192][1,128][1,512], sbuf:total_cache_1.float32[p0@7168][1,128][1,1] <- sbuf:X_cache_1.bfloat16[p0@5632][1,128][1,512], sbuf:mul_1.float32[p0@7680][1,128][1,1] bias=ap func=exp reduce_op=add scale=1.0
 tensor_scalar.dve sbuf:div_1.bfloat16[p0@10240][1,128][1,512] <- sbuf:exp_1.float32[p0@8192][1,128][1,512], sbuf:total_cache_1.float32[p0@7168][1,128][1,1] op0=div reverse0=False scalar0=ap
 dma.q0 hbm:Y.bfloat16[@65536][512,8][1,512] <- sbuf:div_1.bfloat16[p0@10240][1,8][1,512]
 dma.q1 hbm:Y.bfloat16[@69632][512,8][1,512] <- sbuf:div_1.bfloat16[p8@10240][1,8][1,512]
