@@ -780,9 +780,9 @@ class Lowerer:
         iteration's evacuations and the PE idles before the next block's transposes
         (rmsnorm_matmul 2048x4096x4096 on trn2: 1092.3 -> 1039.8 us). Only where the PE
         would idle for the fill's engine work (_pe_waits; elsewhere, e.g. a small rmsnorm's or
-        conv2d's tuned schedules, moving the next loads ahead costs more than it hides). bind_loop keeps the
-        ranges iteration c's consumer uses clear while it allocates iteration c+1's fill
-        (Lowerer.reserved), so the two do not alias. segs: per iteration (fill nodes,
+        conv2d's tuned schedules, moving the next loads ahead costs more than it hides).
+        bind_loop keeps the ranges iteration c's consumer uses clear while it allocates
+        iteration c+1's fill (Lowerer.reserved), so the two do not alias. segs: per iteration (fill nodes,
         consumer nodes), the iterations' runs contiguous and last in the body."""
         where = {b.name: (b.mem, b.offset, b.offset + b.size) for b in self.buffers}
 
