@@ -1,4 +1,4 @@
-"""DSL kernels shared by the autotune and records tests (not a test module)."""
+"""DSL kernels shared by the dsl, autotune and records tests (not a test module)."""
 import tensorlang as tl
 
 
