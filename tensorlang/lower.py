@@ -2472,37 +2472,34 @@ class Lowerer:
         held = sum(b.size for b in self.buffers if b.name.startswith("iota_job"))
         if held + n > HOIST_IOTA_FRACTION * self.spec.sbuf_partition_bytes:
             return None
-        body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
         try:
-            self.hoisting = True
-            try:
-                out = self.tile(P, deps, ext, "float32", "iota_job", Env({}, {}), depth=1)
-            except TensorlangError:
-                return None
-            finally:
-                self.hoisting = False
-            out.key = key
+            out = self.iota_before_loops("iota_job", P, deps, ext, iota)
+        except TensorlangError:
+            return None
+        out.key = key
+        self.memo[1][key] = lambda e_, d, v=out: v.with_deps(d, v.key)
+        return out
+
+    def iota_before_loops(self, name: str, P: int, deps, ext, iota: dict) -> Val:
+        """An iota tile [P, deps] emitted once at the job's top level, before its loops
+        (TensorlangError when it does not fit there)."""
+        body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
+        self.hoisting = True
+        try:
+            out = self.tile(P, deps, ext, "float32", name, Env({}, {}), depth=1)
+            self.hoisting = False
             self.emit(isa.Instr.make("iota", "pool", self.ap(out, P, list(deps), ext), **iota))
         finally:
-            self.body, self.trips = body, trips
-        self.memo[1][key] = lambda e_, d, v=out: v.with_deps(d, v.key)
+            self.body, self.trips, self.hoisting = body, trips, False
         return out
 
     def diag_iota(self, P: int) -> isa.AP:
         """[P, P] float32 p - f (zero on the diagonal), once per job before its loops."""
         key = ("__diag_iota__", P)
         if key not in self.memo[1]:
-            body, trips, self.body, self.trips = self.body, self.trips, self.body[:1], [1]
-            try:
-                self.hoisting = True
-                v = self.tile(P, ("__f",), {"__f": P}, "float32", "diag_iota", Env({}, {}),
-                              depth=1)
-                self.hoisting = False
-                ap = self.ap(v, P, ["__f"], {"__f": P})
-                self.emit(isa.Instr.make("iota", "pool", ap, base=0, pcoef=1, fcoefs=(-1,)))
-            finally:
-                self.body, self.trips, self.hoisting = body, trips, False
-            self.memo[1][key] = ap
+            v = self.iota_before_loops("diag_iota", P, ("__f",), {"__f": P},
+                                       dict(base=0, pcoef=1, fcoefs=(-1,)))
+            self.memo[1][key] = self.ap(v, P, ["__f"], {"__f": P})
         return self.memo[1][key]
 
     def emit_matmul(self, job: Job, env: Env, ext, acc_mode, reset):
