@@ -648,11 +648,10 @@ class Lowerer:
         else:
             parts = [(0, self.ext_of(job, u, env), None)]
             inner = None
-        if (not env.loops and parts[0][1] > 1 + (not job.hooks.get(u)
-                                                 and not self._fills_inside(job, u, reduce=True))
-                and (job.hooks.get(u) or self._fills_inside(job, u, reduce=True))
-                and u not in job.unroll
-                and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level):
+        outer = (not env.loops and u not in job.unroll and job.kind.get(u) == "spatial"
+                 and job.loops.index(u) < job.acc_level)   # an outermost spatial block loop
+        if (outer and parts[0][1] > 1
+                and (job.hooks.get(u) or self._fills_inside(job, u, reduce=True))):
             # the first iteration of the outermost loop that hosts fills is peeled: its loads
             # precede every store, so they use every DMA queue (assign_queues) and the first
             # block's operands arrive sooner; so is the last iteration (when the loop has no
@@ -664,10 +663,8 @@ class Lowerer:
             first = max(1, min(job.pipe.get(u, 1), PEEL_FIRST, n - len(last)))
             parts = ([(c, 1, f) for c in range(first)] + [(first, n - first - len(last), f)]
                      + last + rest)
-        elif (drain and not env.loops and self.in_last and self.peel_bid is not None
-              and len(parts) == 1 and parts[0][1] > 1 and u not in job.unroll
-              and job.kind.get(u) == "spatial" and job.loops.index(u) < job.acc_level
-              and self.tile_reads_on_chip(job)):
+        elif (drain and outer and self.in_last and self.peel_bid is not None
+              and len(parts) == 1 and parts[0][1] > 1 and self.tile_reads_on_chip(job)):
             # inside the peeled last iteration (of every enclosing loop) a loop whose
             # iterations store their tiles peels its last iteration as well: its stores
             # then follow every load and use every DMA queue (assign_queues), e.g. the last
