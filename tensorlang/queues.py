@@ -116,22 +116,14 @@ def assign_queues(body: tuple, spec: sim.MachineSpec) -> tuple:
         k = max(1, min(size, nb, (qbytes if qbytes > 2 * nbytes else nbytes) // DMA_PIECE_BYTES))
         per, extra = divmod(nb, k)
 
-        def rows(counts):
-            out, s0 = [], 0
-            for c in counts:
-                r = min(c * blk, P - s0)
-                out.append((_sub_ap(dst, s0, r), _sub_ap(src, s0, r)))
-                s0 += r
-            return out
-
         def qb(piece):
             return dma_queue_bytes(*piece, spec)
-        pieces = rows([per + 1] * extra + [per] * (k - extra))
+        pieces = _block_rows(dst, src, 0, _even_counts(nb, k), blk)
         if k == size > 1 and extra:     # whole blocks everywhere, the rest cut into columns?
             r0 = min(P, per * k * blk)
             cols = _leftover_pieces(dst, src, r0, size, spec)
             if cols:
-                even = rows([per] * k)
+                even = _block_rows(dst, src, 0, [per] * k, blk)
                 if qb(even[0]) + max(map(qb, cols)) < qb(pieces[0]):
                     pieces = even + cols
         mult = trips[id(ins)]
@@ -178,11 +170,7 @@ def _sequential(dst: isa.AP, src: isa.AP, cap: float, spec: sim.MachineSpec) -> 
     P = dst.dims[0][1]
     nb = -(-P // blk)
     r = min(k, nb)
-    out, s0 = [], 0
-    for j in range(r):
-        n = min((nb // r + (j < nb % r)) * blk, P - s0)
-        out.append((_sub_ap(dst, s0, n), _sub_ap(src, s0, n)))
-        s0 += n
+    out = _block_rows(dst, src, 0, _even_counts(nb, r), blk)
     if r < k:
         out = [c for d, s_ in out
                for c in (_column_pieces(d, s_, math.ceil(k / r), spec, 0) or [(d, s_)])]
@@ -212,12 +200,26 @@ def _leftover_pieces(dst: isa.AP, src: isa.AP, r0: int, n: int,
     groups = min(nb, n // len(cols)) if cols else nb
     if groups < 2:
         return cols
-    per, extra = divmod(nb, groups)
-    out, s0 = [], r0
-    for c in [per + 1] * extra + [per] * (groups - extra):
-        r = min(c * blk, P - s0)
-        d, s_ = _sub_ap(dst, s0, r), _sub_ap(src, s0, r)
+    out = []
+    for d, s_ in _block_rows(dst, src, r0, _even_counts(nb, groups), blk):
         out += _column_pieces(d, s_, max(1, n // groups), spec) or [(d, s_)]
+    return out
+
+
+def _even_counts(nb: int, k: int) -> list:
+    """nb blocks in k groups as even as they come, the larger groups first."""
+    per, extra = divmod(nb, k)
+    return [per + 1] * extra + [per] * (k - extra)
+
+
+def _block_rows(dst: isa.AP, src: isa.AP, r0: int, counts, blk: int) -> list:
+    """(dst, src) pieces of consecutive rows from r0 on, counts[i] partition blocks of blk
+    rows each (the last one clipped at the transfer's rows)."""
+    P = dst.dims[0][1]
+    out, s0 = [], r0
+    for c in counts:
+        r = min(c * blk, P - s0)
+        out.append((_sub_ap(dst, s0, r), _sub_ap(src, s0, r)))
         s0 += r
     return out
 
